@@ -1,0 +1,392 @@
+"""Typed run configuration, loaded from YAML with `key=value` overrides.
+
+Strict by design: an unknown key, a wrong type or an impossible combination raises ConfigError with a
+message that names the key and the fix, before any process group exists. Every derived number
+(gradient accumulation, DP degree, the DeepSpeed JSON) is computed here once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from opt_ds.models.presets import OPTShape, get_preset
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    word_embed_proj_dim: Optional[int] = None
+    pre_layer_norm: Optional[bool] = None
+    dropout: Optional[float] = None
+    attention_dropout: Optional[float] = None
+    init_std: Optional[float] = None
+
+    def shape(self) -> OPTShape:
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name != "preset" and getattr(self, f.name) is not None}
+        if self.preset is not None:
+            try:
+                return get_preset(self.preset).shape.replace(**overrides)
+            except ValueError as err:
+                raise ConfigError(f"model.preset: {err}") from None
+        missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if k not in overrides]
+        if missing:
+            raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
+        return OPTShape(**overrides)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
+    zero_stage: int = 1
+    activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
+    partition_method: str = "type:OPTDecoderLayer"
+
+
+@dataclass
+class BatchConfig:
+    global_batch_size: int = 8                  # sequences per optimizer step, all replicas together
+    micro_batch_size: int = 1                   # sequences per forward pass on one replica
+    seq_length: int = 2048
+    gradient_accumulation_steps: Optional[int] = None   # derived when omitted
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"                         # fp32 | bf16 | fp16
+    initial_scale_power: int = 16               # fp16 dynamic loss scaling
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 6.0e-4
+    min_lr_ratio: float = 0.1                   # OPT decays linearly to 10% of the peak
+    schedule: str = "linear"                    # linear | cosine | constant
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None           # defaults to train.steps
+    betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+
+
+@dataclass
+class BlendEntry:
+    path: str                                   # prefix of a .bin/.idx pair
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic random tokens
+    split: str = "98,2,0"                       # train,valid,test per mille of each corpus
+    cache_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = None         # vocab.json + merges.txt used to decode samples
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 1234
+    log_interval: int = 1
+    eval_interval: int = 0                      # 0 = no periodic validation
+    eval_iters: int = 2
+    save_interval: int = 0                      # 0 = save only at the end (when save_dir is set)
+    save_dir: Optional[str] = None
+    load_dir: Optional[str] = None              # resume from here; defaults to save_dir when it has a checkpoint
+    log_dir: Optional[str] = None               # metrics.jsonl (+ TensorBoard) go here
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: Optional[str] = None             # a DeepSpeed JSON to check against this config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def _closest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _coerce(value: Any, annotation, where: str):
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union:                  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, where)
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls, values, where: str = ""):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown key {path!r}{_closest(key, names)}; valid keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str):
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = _parse_scalar(text)
+    return raw
+
+
+def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "ResolvedConfig":
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as "
+                              "ds_configs/demo.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, parallel:, ...)")
+    raw = apply_overrides(raw, overrides)
+    return resolve(build_dataclass(RunConfig, raw), world_size)
+
+
+# --- resolution and validation ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated RunConfig plus everything derived from it once."""
+    run: RunConfig
+    shape: OPTShape
+    tensor: int
+    pipeline: int
+    data: int
+    gradient_accumulation_steps: int
+
+    @property
+    def layout(self):
+        from opt_ds.parallel.layout import ParallelLayout
+        return ParallelLayout(self.tensor, self.pipeline, self.data)
+
+    def deepspeed_config(self) -> dict:
+        return deepspeed_config(self)
+
+
+def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
+    shape = run.model.shape()
+    par, batch = run.parallel, run.batch
+    tp, pp = par.tensor, par.pipeline
+    for name, value in (("parallel.tensor", tp), ("parallel.pipeline", pp)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if shape.hidden_size % shape.num_heads:
+        raise ConfigError(f"model.hidden_size {shape.hidden_size} is not divisible by model.num_heads "
+                          f"{shape.num_heads}")
+    if shape.num_heads % tp:
+        raise ConfigError(f"model.num_heads {shape.num_heads} is not divisible by parallel.tensor {tp}; "
+                          f"choose a tensor-parallel degree that divides the heads "
+                          f"({', '.join(str(d) for d in range(1, shape.num_heads + 1) if shape.num_heads % d == 0)})")
+    if shape.ffn_hidden_size % tp:
+        raise ConfigError(f"model.ffn_hidden_size {shape.ffn_hidden_size} is not divisible by parallel.tensor {tp}")
+    if shape.vocab_size % tp:
+        raise ConfigError(f"model.vocab_size {shape.vocab_size} is not divisible by parallel.tensor {tp}; "
+                          f"pad the vocabulary to a multiple of {tp} (OPT's 50272 divides 1, 2, 4, 8, 16, 32)")
+    if shape.num_layers < pp:
+        raise ConfigError(f"model.num_layers {shape.num_layers} is fewer than parallel.pipeline {pp} stages; "
+                          f"use at most {shape.num_layers} pipeline stages")
+    if par.zero_stage not in (0, 1):
+        raise ConfigError(f"parallel.zero_stage {par.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
+                          "stage 0 or 1 only")
+    if par.activation_checkpoint_interval < 0:
+        raise ConfigError("parallel.activation_checkpoint_interval must be >= 0")
+
+    dp = _data_parallel_degree(par.data, tp, pp, world_size)
+    micro, global_batch = batch.micro_batch_size, batch.global_batch_size
+    if micro < 1 or global_batch < 1:
+        raise ConfigError("batch.micro_batch_size and batch.global_batch_size must be >= 1")
+    if batch.gradient_accumulation_steps is not None:
+        gas = batch.gradient_accumulation_steps
+        if micro * gas * dp != global_batch:
+            raise ConfigError(
+                f"batch.global_batch_size {global_batch} != micro_batch_size {micro} x "
+                f"gradient_accumulation_steps {gas} x data-parallel degree {dp} = {micro * gas * dp}; "
+                f"fix one of them or drop gradient_accumulation_steps to derive it")
+    else:
+        if global_batch % (micro * dp):
+            raise ConfigError(
+                f"batch.global_batch_size {global_batch} is not a multiple of micro_batch_size {micro} x "
+                f"data-parallel degree {dp} = {micro * dp}; use e.g. {max(1, global_batch // (micro * dp)) * micro * dp}")
+        gas = global_batch // (micro * dp)
+    if batch.seq_length > shape.max_position_embeddings:
+        raise ConfigError(f"batch.seq_length {batch.seq_length} exceeds model.max_position_embeddings "
+                          f"{shape.max_position_embeddings}")
+    if run.precision.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision.dtype {run.precision.dtype!r}: choose fp32, bf16 or fp16")
+    if run.optimizer.schedule not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"optimizer.schedule {run.optimizer.schedule!r}: choose linear, cosine or constant")
+    if len(run.optimizer.betas) != 2:
+        raise ConfigError(f"optimizer.betas must be two numbers, got {run.optimizer.betas}")
+    resolved = ResolvedConfig(run, shape, tp, pp, dp, gas)
+    if run.deepspeed:
+        check_deepspeed_json(resolved, run.deepspeed)
+    return resolved
+
+
+def _data_parallel_degree(data, tp: int, pp: int, world_size: Optional[int]) -> int:
+    if data == "auto":
+        if world_size is None:
+            return 1
+        if world_size % (tp * pp):
+            raise ConfigError(f"world size {world_size} is not a multiple of TP x PP = {tp} x {pp}; launch a "
+                              f"multiple of {tp * pp} processes")
+        return world_size // (tp * pp)
+    if not isinstance(data, int) or isinstance(data, bool) or data < 1:
+        raise ConfigError(f"parallel.data must be a positive integer or 'auto', got {data!r}")
+    if world_size is not None and world_size != tp * pp * data:
+        raise ConfigError(f"world size {world_size} != TP x PP x DP = {tp} x {pp} x {data} = {tp * pp * data}; "
+                          f"launch {tp * pp * data} processes or set parallel.data=auto")
+    return data
+
+
+# --- DeepSpeed JSON ----------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: ResolvedConfig) -> dict:
+    """The DeepSpeed JSON for this run, derived from the typed config (never written by hand)."""
+    run = cfg.run
+    prec = run.precision
+    ds = {
+        "train_batch_size": run.batch.global_batch_size,
+        "train_micro_batch_size_per_gpu": run.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": run.optimizer.clip_grad,
+        "zero_optimization": {"stage": run.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "fp16": {"enabled": prec.dtype == "fp16", "loss_scale": 0,
+                 "initial_scale_power": prec.initial_scale_power, "loss_scale_window": prec.loss_scale_window,
+                 "hysteresis": prec.hysteresis, "min_loss_scale": prec.min_loss_scale},
+        "bf16": {"enabled": prec.dtype == "bf16"},
+        "pipeline": {"activation_checkpoint_interval": run.parallel.activation_checkpoint_interval},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if prec.dtype == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+# Keys a user-supplied DeepSpeed JSON may not contradict, with where the typed config sets them.
+_CHECKED_KEYS = {
+    ("train_batch_size",): "batch.global_batch_size",
+    ("train_micro_batch_size_per_gpu",): "batch.micro_batch_size",
+    ("gradient_accumulation_steps",): "batch.gradient_accumulation_steps",
+    ("gradient_clipping",): "optimizer.clip_grad",
+    ("zero_optimization", "stage"): "parallel.zero_stage",
+    ("fp16", "enabled"): "precision.dtype",
+    ("bf16", "enabled"): "precision.dtype",
+}
+
+
+def check_deepspeed_json(cfg: ResolvedConfig, path: str) -> None:
+    """A hand-written DeepSpeed JSON must agree with the typed config on every shared fact."""
+    try:
+        given = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed: {path!r} does not exist; remove the key to use the generated JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed: {path!r} is not valid JSON ({err})") from None
+    ours = deepspeed_config(cfg)
+    problems = []
+    for keys, where in _CHECKED_KEYS.items():
+        theirs = given
+        for k in keys:
+            theirs = theirs.get(k) if isinstance(theirs, dict) else None
+        if theirs is None:
+            continue
+        mine = ours
+        for k in keys:
+            mine = mine[k]
+        if theirs != mine:
+            problems.append(f"{'.'.join(keys)}={theirs!r} but the config gives {mine!r} ({where})")
+    if problems:
+        raise ConfigError(f"deepspeed JSON {path} disagrees with the config: " + "; ".join(problems)
+                          + ". Change one of them so they agree, or drop the JSON and use the generated one")

@@ -1,0 +1,80 @@
+"""The CPU adaptations that let megatron-core and DeepSpeed run without CUDA (tests, CI, the demo).
+
+Everything CPU-specific lives here and every function is a no-op when CUDA is present:
+  * megatron-core allocates communication buffers on `torch.cuda.current_device()`: point it at the CPU;
+  * megatron-core's model-parallel RNG tracker saves and restores the CUDA generator: swap in a tracker
+    that forks the CPU generator instead;
+  * DeepSpeed JIT-compiles a shared-memory comm op (~50 s on 2 cores) that gloo never uses: skip it.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+
+_applied = False
+
+
+def running_on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class CPURNGStatesTracker:
+    """Named CPU generator states with the interface of megatron's CudaRNGStatesTracker."""
+
+    def __init__(self):
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def is_initialized(self):
+        return bool(self.states_)
+
+    def reset(self):
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states):
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name, seed):
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_current_device():
+    return "cpu"
+
+
+def apply_cpu_adaptations() -> None:
+    """Install the CPU adaptations once per process; does nothing on a CUDA machine."""
+    global _applied
+    if _applied or not running_on_cpu():
+        return
+    torch.cuda.current_device = _cpu_current_device
+
+    from megatron.core.tensor_parallel import random as megatron_random
+    megatron_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # `import deepspeed.comm.torch as m` resolves to the function deepspeed.comm.torch, not the module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    _applied = True

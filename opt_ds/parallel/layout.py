@@ -1,0 +1,132 @@
+"""ParallelLayout: one object that owns the TP x PP x DP decomposition.
+
+It builds DeepSpeed's pipeline topology (axes pipe, data, model) and megatron-core's `parallel_state`
+(order tp-cp-ep-dp-pp) from the same three numbers and checks, rank by rank, that the two libraries
+put every process in the same tensor-, data- and pipeline-parallel groups.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from opt_ds.parallel.cpu_compat import apply_cpu_adaptations, running_on_cpu
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    def __str__(self) -> str:
+        return f"TP={self.tensor} x PP={self.pipeline} x DP={self.data}"
+
+    @classmethod
+    def for_world(cls, world_size: int, tensor: int, pipeline: int) -> "ParallelLayout":
+        """The layout that fills `world_size` processes: DP is what TP x PP leaves."""
+        if tensor < 1 or pipeline < 1:
+            raise LayoutError(f"parallel degrees must be >= 1 (tensor={tensor}, pipeline={pipeline})")
+        if world_size % (tensor * pipeline):
+            raise LayoutError(
+                f"world size {world_size} is not a multiple of TP x PP = {tensor} x {pipeline}; "
+                f"launch a multiple of {tensor * pipeline} processes or change parallel.tensor/pipeline")
+        return cls(tensor, pipeline, world_size // (tensor * pipeline))
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise LayoutError(
+                f"world size {world_size} != TP x PP x DP = {self.tensor} x {self.pipeline} x {self.data} "
+                f"= {self.world_size}; launch {self.world_size} processes or set parallel.data to "
+                f"{world_size // (self.tensor * self.pipeline) if world_size % (self.tensor * self.pipeline) == 0 else 'a divisor'}"
+                " (or 'auto')")
+
+    # --- process groups -------------------------------------------------------------------------
+
+    def topology(self):
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        return PipeModelDataParallelTopology(num_pp=self.pipeline, num_mp=self.tensor, num_dp=self.data)
+
+    def initialize(self, timeout_minutes: int = 30) -> None:
+        """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron's parallel_state."""
+        apply_cpu_adaptations()
+        _default_single_process_env()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not running_on_cpu():
+            torch.cuda.set_device(local_rank)
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        import deepspeed
+        from datetime import timedelta
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo" if running_on_cpu() else "nccl",
+                                       timeout=timedelta(minutes=timeout_minutes))
+        self.check_world_size(torch.distributed.get_world_size())
+
+        from megatron.core import parallel_state
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=self.tensor,
+                pipeline_model_parallel_size=self.pipeline,
+                distributed_timeout_minutes=timeout_minutes,
+                create_gloo_process_groups=False,
+            )
+        self.assert_groups_agree()
+
+    def assert_groups_agree(self) -> None:
+        """DeepSpeed's topology and megatron's parallel_state must place this rank identically."""
+        from megatron.core import parallel_state as ps
+        topo = self.topology()
+        rank = torch.distributed.get_rank()
+        pairs = {
+            "model": ps.get_tensor_model_parallel_group(),
+            "data": ps.get_data_parallel_group(),
+            "pipe": ps.get_pipeline_model_parallel_group(),
+        }
+        for axis, group in pairs.items():
+            megatron_ranks = sorted(torch.distributed.get_process_group_ranks(group))
+            deepspeed_ranks = next(sorted(g) for g in topo.get_axis_comm_lists(axis) if rank in g) \
+                if topo.get_dim(axis) > 1 else [rank]
+            if megatron_ranks != deepspeed_ranks:
+                raise RuntimeError(
+                    f"rank {rank}: megatron-core's {axis} group {megatron_ranks} differs from DeepSpeed's "
+                    f"{deepspeed_ranks}; the two libraries disagree on rank order for {self}")
+
+    def megatron_config(self, params_dtype=torch.float32):
+        """megatron-core's ModelParallelConfig for the TP layers of this layout.
+
+        Weights are initialised on the CPU from the full (master) matrix and then split, so the initial
+        model does not depend on the TP degree and the single-process run is a golden reference.
+        """
+        from megatron.core import ModelParallelConfig
+        return ModelParallelConfig(
+            tensor_model_parallel_size=self.tensor,
+            pipeline_model_parallel_size=self.pipeline,
+            pipeline_dtype=params_dtype,
+            params_dtype=params_dtype,
+            use_cpu_initialization=True,
+            perform_initialization=True,
+            gradient_accumulation_fusion=False,
+            sequence_parallel=False,
+        )
+
+
+def _default_single_process_env() -> None:
+    """Let `python script.py` run as a one-process world without a launcher."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
