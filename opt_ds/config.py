@@ -100,7 +100,8 @@ class BlendEntry:
 
 @dataclass
 class DataConfig:
-    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic random tokens
+    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic tokens (see below)
+    synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None
     tokenizer_dir: Optional[str] = None         # vocab.json + merges.txt used to decode samples
@@ -302,6 +303,8 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
                           f"{shape.max_position_embeddings}")
     if run.precision.dtype not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision.dtype {run.precision.dtype!r}: choose fp32, bf16 or fp16")
+    if run.data.synthetic not in ("random", "arithmetic"):
+        raise ConfigError(f"data.synthetic {run.data.synthetic!r}: choose random or arithmetic")
     if run.optimizer.schedule not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optimizer.schedule {run.optimizer.schedule!r}: choose linear, cosine or constant")
     if len(run.optimizer.betas) != 2:
