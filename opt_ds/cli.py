@@ -11,6 +11,8 @@ import importlib
 import sys
 from importlib.metadata import entry_points
 
+from opt_ds.errors import UserError
+
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
 }
@@ -37,7 +39,12 @@ def main(argv=None) -> int:
     module = importlib.import_module(commands[name][0])
     command_parser = argparse.ArgumentParser(prog=f"opt-ds {name}", description=module.__doc__)
     module.add_arguments(command_parser)
-    return module.run(command_parser.parse_args(argv[1:]))
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return module.run(args)
+    except UserError as err:
+        print(f"opt-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from typing import Any, Optional
 
 import yaml
 
+from opt_ds.errors import UserError
+
 from opt_ds.models.presets import OPTShape, get_preset
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says what is wrong and how to fix it."""
 
 

@@ -14,10 +14,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from opt_ds.errors import UserError
+
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
 
 
