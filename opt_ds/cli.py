@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -15,6 +16,7 @@ from opt_ds.errors import UserError
 
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
+    "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
 }
 
 
@@ -25,8 +27,19 @@ def _commands() -> dict:
     return commands
 
 
+def _strip_local_rank(argv: list) -> list:
+    """DeepSpeed's launcher passes `--local_rank=N` first; the rank is also in the LOCAL_RANK variable."""
+    kept = []
+    for arg in argv:
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     commands = _commands()
     parser = argparse.ArgumentParser(prog="opt-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
