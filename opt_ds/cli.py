@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return module.run(args)
     except UserError as err:
         print(f"opt-ds {name}: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

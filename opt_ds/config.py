@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,8 +120,55 @@ class TrainConfig:
     save_interval: int = 0                      # 0 = save only at the end (when save_dir is set)
     save_dir: Optional[str] = None
     load_dir: Optional[str] = None              # resume from here; defaults to save_dir when it has a checkpoint
+    load_tag: Optional[str] = None              # resume from this checkpoint (e.g. global_step30), not `latest`
     log_dir: Optional[str] = None               # metrics.jsonl (+ TensorBoard) go here
     tensorboard: bool = True
+
+
+@dataclass
+class HealthConfig:
+    """Per-step divergence detection (docs/fault-tolerance.md)."""
+    enabled: bool = True
+    spike_factor: float = 1.5                   # loss > factor x EWM mean of past losses is a spike
+    ewm_window: int = 50                        # span of the EWM mean, in steps (alpha = 2 / (window + 1))
+    spike_warmup_steps: int = 100               # steps of EWM history before spikes are judged
+    spike_patience: int = 1                     # consecutive spiking steps that make a divergence
+    min_loss_scale: float = 1.0                 # fp16: a scale below this has collapsed (OPT's healthy rule)
+    replica_check: bool = True                  # compare the DP replicas' own gradient norms (DP > 1)
+    replica_norm_ratio: float = 10.0            # largest / smallest replica norm above this: a bad host
+
+
+@dataclass
+class RecoveryConfig:
+    """What to do on a divergence: roll back to the last healthy checkpoint and retry."""
+    enabled: bool = True
+    max_retries: int = 3                        # rollbacks in a row before a new healthy checkpoint; then exit 3
+    lr_factor: float = 0.7                      # peak LR multiplier per rollback (cumulative, persistent)
+    clip_grad: Optional[float] = None           # gradient clipping after a rollback (OPT: 1.0 -> 0.3)
+    skip_data: bool = True                      # skip the data consumed from the checkpoint to the detection
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 0                          # keep the newest K checkpoints; 0 keeps every checkpoint
+    keep_every: int = 0                         # with keep_last: also keep steps that are multiples of M
+    verify: str = "sha256"                      # check files against the manifest on load: sha256 | size | none
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests. Armed only with OPT_DS_FAULT_INJECTION=1 in the environment."""
+    nan_at_step: Optional[int] = None           # a weight becomes NaN before this optimizer step (once)
+    persistent: bool = False                    # nan_at_step fires every time the step is reached
+    spike_at_step: Optional[int] = None         # the batch of this data step makes a 100x-LR update
+    kill_during_save_at_step: Optional[int] = None   # `rank` dies (os._exit) half-way through a file
+    corrupt_checkpoint_at_step: Optional[int] = None  # truncate a file of this checkpoint after it is published
+    bad_replica_at_step: Optional[int] = None   # `rank`'s local gradients are scaled 1000x (a silent bad host)
+    rank: int = -1                              # the rank the kill / bad-replica faults hit; -1 = the last
+
+    def armed(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.endswith("_step") and getattr(self, f.name) is not None}
 
 
 @dataclass
@@ -132,6 +180,10 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     deepspeed: Optional[str] = None             # a DeepSpeed JSON to check against this config
 
     def to_dict(self) -> dict:
@@ -314,9 +366,45 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
         raise ConfigError(f"optimizer.schedule {run.optimizer.schedule!r}: choose linear, cosine or constant")
     if len(run.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers, got {run.optimizer.betas}")
+    _check_fault_tolerance(run, tp * pp * dp)
     resolved = ResolvedConfig(run, shape, tp, pp, dp, gas)
     resolved.deepspeed_config()         # a disagreeing DeepSpeed JSON fails now, not at engine start
     return resolved
+
+
+FAULT_INJECTION_ENV = "OPT_DS_FAULT_INJECTION"
+
+
+def _check_fault_tolerance(run: RunConfig, world_size: int) -> None:
+    health, recovery, ckpt = run.health, run.recovery, run.checkpoint
+    if health.spike_factor <= 1.0:
+        raise ConfigError(f"health.spike_factor {health.spike_factor} must be > 1 (a spike is a loss this many "
+                          "times the recent mean; e.g. 1.5)")
+    if health.ewm_window < 1 or health.spike_warmup_steps < 0 or health.spike_patience < 1:
+        raise ConfigError("health.ewm_window and health.spike_patience must be >= 1, health.spike_warmup_steps >= 0")
+    if health.min_loss_scale <= 0 or health.replica_norm_ratio <= 1.0:
+        raise ConfigError("health.min_loss_scale must be > 0 and health.replica_norm_ratio > 1")
+    if not 0.0 < recovery.lr_factor <= 1.0:
+        raise ConfigError(f"recovery.lr_factor {recovery.lr_factor} must be in (0, 1]: the peak LR is multiplied "
+                          "by it at every rollback (1 keeps the LR)")
+    if recovery.max_retries < 0:
+        raise ConfigError("recovery.max_retries must be >= 0")
+    if recovery.clip_grad is not None and recovery.clip_grad <= 0:
+        raise ConfigError(f"recovery.clip_grad {recovery.clip_grad} must be > 0 (or null to keep optimizer.clip_grad)")
+    if ckpt.keep_last < 0 or ckpt.keep_every < 0:
+        raise ConfigError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / off)")
+    if ckpt.verify not in ("sha256", "size", "none"):
+        raise ConfigError(f"checkpoint.verify {ckpt.verify!r}: choose sha256, size or none")
+    armed = run.faults.armed()
+    if armed and os.environ.get(FAULT_INJECTION_ENV) != "1":
+        raise ConfigError(f"faults: {', '.join(f'{k}={v}' for k, v in armed.items())} would deliberately break this "
+                          f"run; fault injection is for tests and is armed only when the environment sets "
+                          f"{FAULT_INJECTION_ENV}=1. Remove the faults section from this config")
+    for name, step in armed.items():
+        if step < 1:
+            raise ConfigError(f"faults.{name} must be a step >= 1, got {step}")
+    if not -world_size <= run.faults.rank < world_size:
+        raise ConfigError(f"faults.rank {run.faults.rank} is not a rank of this {world_size}-process world")
 
 
 def _data_parallel_degree(data, tp: int, pp: int, world_size: Optional[int]) -> int:

@@ -5,3 +5,10 @@ anything else is a bug and keeps its traceback."""
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
+    exit_code = 2
+
+
+class TrainingDiverged(UserError):
+    """Training diverged and automatic recovery could not continue (off, no healthy checkpoint, or retry
+    budget spent): a person must look. Distinct exit status so a requeueing job script stops retrying."""
+    exit_code = 3

@@ -63,7 +63,9 @@ def add_arguments(parser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one `hostname slots=N` line per node")
     where.add_argument("--num-gpus", type=int, help="run on this machine with N processes (GPUs, or CPU ranks)")
-    parser.add_argument("--launcher", default="pdsh", help="DeepSpeed multi-node launcher (pdsh, openmpi, slurm, ...)")
+    parser.add_argument("--launcher", default="pdsh",
+                        help="multi-node launcher: pdsh, openmpi, ... (DeepSpeed's runner) or slurm (one srun task "
+                             "per rank, so SLURM's signals reach every rank; see opt_ds/slurm.py)")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--master-addr", default=None, help="address of the first node (default: DeepSpeed's choice)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the command, do not run it")
@@ -91,11 +93,18 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides, world_size=world_size)
     if args.hostfile:
         check_hosts_fit(hosts, cfg.tensor)
-    cmd = build_command(args, world_size)
+    if args.hostfile and args.launcher == "slurm":
+        from opt_ds.slurm import srun_command
+        cmd = srun_command(hosts, master_addr=args.master_addr, master_port=args.master_port, config=args.config,
+                           overrides=args.overrides, check_installed=not args.dry_run)
+    else:
+        cmd = build_command(args, world_size)
     print(f"[opt_ds] launching {cfg.layout} on {world_size} processes over {len(hosts)} node(s):\n  "
           + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")      # the runner leaves it unset: 8 ranks on 2 cores ran 10x slower
+    if cmd[0] == "srun":                        # become srun: a signal to the job script's child reaches srun,
+        os.execvpe(cmd[0], cmd, env)            # which forwards it to every rank (no Python in between to die)
     return subprocess.call(cmd, env=env)

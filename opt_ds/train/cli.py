@@ -19,6 +19,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
+    from opt_ds.slurm import adopt_environment
+    adopt_environment()                         # ranks started as srun tasks (opt-ds launch --launcher slurm)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None if args.config == "-" else args.config, args.overrides, world_size=world_size)
     if args.print_config:

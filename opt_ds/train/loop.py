@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from opt_ds.train import checkpoint
 from opt_ds.train.batches import ReplicaBatches
 from opt_ds.train.engine import build_engine
 from opt_ds.train.metrics import MetricsLogger
+from opt_ds.train.recovery import Supervisor
 
 
 @dataclass
@@ -23,10 +25,21 @@ class RunState:
     """What a checkpoint must carry besides DeepSpeed's own state for the resume to be exact."""
     step: int = 0
     micro_offset: int = 0           # forward passes so far: DeepSpeed derives dropout seeds from it
+    # Divergence recovery (opt_ds.train.recovery); run state, so every later resume keeps it.
+    data_offset: int = 0            # data steps skipped: step s reads the batch of data step s + data_offset
+    lr_scale: float = 1.0           # product of the LR cuts: peak LR = optimizer.lr x lr_scale
+    clip_grad: Optional[float] = None   # gradient clipping set by a recovery (None: optimizer.clip_grad)
+    retries: int = 0                # rollbacks since the last healthy checkpoint past `diverged_at`
+    recoveries: int = 0             # rollbacks in the whole run
+    diverged_at: Optional[int] = None   # step of the last divergence
+    health: dict = field(default_factory=dict)  # the health monitor's loss EWM
+
+    @property
+    def data_step(self) -> int:
+        return self.step + self.data_offset
 
     def client_state(self, cfg: ResolvedConfig) -> dict:
-        return {"opt_ds": {"step": self.step, "micro_offset": self.micro_offset,
-                           "config": cfg.run.to_dict(),
+        return {"opt_ds": {**asdict(self), "config": cfg.run.to_dict(),
                            "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
 
     @classmethod
@@ -35,7 +48,8 @@ class RunState:
         if saved is None:
             raise checkpoint.CheckpointError("the checkpoint has no opt_ds run state (step, data position); "
                                              "it was not written by `opt-ds train`")
-        return cls(step=saved["step"], micro_offset=saved["micro_offset"])
+        names = [f for f in cls.__dataclass_fields__ if f in saved]      # older checkpoints lack the newer fields
+        return cls(**{name: saved[name] for name in names})
 
 
 def build_datasets(cfg: ResolvedConfig):
@@ -71,7 +85,8 @@ class Trainer:
         self.state = RunState()
         self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
         self.train_data, self.valid_data = build_datasets(cfg)
-        self._resume_if_possible()
+        self.supervisor = Supervisor(self)
+        self.supervisor.start(self._resume_if_possible())
 
     # --- data ------------------------------------------------------------------------------------
 
@@ -83,29 +98,35 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def _resume_if_possible(self) -> None:
+    def _resume_if_possible(self) -> Optional[str]:
+        """Load the checkpoint to resume from, if any; returns its tag."""
         train = self.cfg.run.train
         load_dir = train.load_dir or train.save_dir
-        if load_dir is None or checkpoint.latest_tag(load_dir) is None:
+        tag = train.load_tag or (checkpoint.latest_tag(load_dir) if load_dir else None)
+        if load_dir is None or tag is None:
             if train.load_dir is not None:
                 raise checkpoint.CheckpointError(
                     f"train.load_dir={train.load_dir} holds no checkpoint ('latest' is missing); fix the path "
                     "or drop train.load_dir to start from scratch")
-            return
-        client_state = checkpoint.load(self.engine, load_dir)
+            return None
+        client_state = checkpoint.load(self.engine, load_dir, tag, verify=self.cfg.run.checkpoint.verify)
         self.state = RunState.from_client_state(client_state)
         self.engine.module.micro_offset = self.state.micro_offset
-        self.metrics.log("resume", self.state.step, checkpoint=str(load_dir))
+        self.metrics.log("resume", self.state.step, checkpoint=str(load_dir), tag=tag)
+        return tag
 
     def save(self) -> None:
         self.state.micro_offset = self.engine.module.micro_offset
+        health = self.supervisor.before_save()
         path = checkpoint.save(self.engine, self.cfg.run.train.save_dir, self.state.step,
-                               self.state.client_state(self.cfg))
-        self.metrics.log("checkpoint", self.state.step, path=str(path))
+                               self.state.client_state(self.cfg), health=health)
+        self.metrics.log("checkpoint", self.state.step, path=str(path), healthy=health["healthy"])
+        self.supervisor.after_save(path)
 
     # --- steps -----------------------------------------------------------------------------------
 
     def train_step(self, batches) -> dict:
+        self.supervisor.before_step()
         lr = self.engine.get_lr()[0]
         started = time.perf_counter()
         loss = self.engine.train_batch(batches).item()
@@ -151,13 +172,20 @@ class Trainer:
                          parameters=analytic_parameter_count(self.cfg.shape), config=self.cfg.run.to_dict())
         if train.eval_interval and self.state.step == 0:
             self.evaluate()
-        batches = self.batches(self.train_data, self.state.step)
+        batches = self.batches(self.train_data, self.state.data_step)
         last = {}
         while self.state.step < train.steps:
             last = self.train_step(batches)
+            verdict = self.supervisor.after_step(last)      # collective: every rank takes the same decision
             step = self.state.step
-            if step % train.log_interval == 0 or step == train.steps:
+            if step % train.log_interval == 0 or step == train.steps or verdict.diverged or verdict.stop:
                 self.metrics.log("train", step, **last)
+            if verdict.diverged:
+                self.supervisor.recover(verdict)            # rolls back (or raises TrainingDiverged)
+                batches = self.batches(self.train_data, self.state.data_step)
+                continue
+            if verdict.stop:
+                return self.stop(verdict, last)
             if train.eval_interval and step % train.eval_interval == 0 and step != train.steps:
                 self.evaluate()
             if train.save_dir and train.save_interval and step % train.save_interval == 0 and step != train.steps:
@@ -168,4 +196,14 @@ class Trainer:
             self.save()
         self.metrics.log("end", self.state.step)
         self.metrics.close()
+        self.supervisor.close()
+        return last
+
+    def stop(self, verdict, last: dict) -> dict:
+        """A stop signal reached some rank: save this step and return (the CLI exits 0)."""
+        if self.cfg.run.train.save_dir:
+            self.save()
+        self.supervisor.stopped(verdict)
+        self.metrics.close()
+        self.supervisor.close()
         return last

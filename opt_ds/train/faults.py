@@ -1,0 +1,118 @@
+"""Fault injection, for tests of recovery and crash safety. Never on by accident: a config whose `faults:`
+section names a step is rejected unless the environment sets OPT_DS_FAULT_INJECTION=1, and an armed run says
+so on the console and in metrics.jsonl before its first step.
+
+Steps are numbered as the metrics show them (the k-th optimizer step is step k). The faults:
+- nan_at_step: before step k one weight of the first pipeline stage becomes NaN. Every later loss is NaN and
+  DeepSpeed's overflow check skips every later update, so only restoring the weights helps. Fires once
+  (`persistent: true`: every time step k is reached, to exhaust the retry budget).
+- spike_at_step: the batch that an uninterrupted run reads at step k makes an update with 100x the LR (an
+  optimizer instability triggered by that data); the loss spikes on the next steps. Tied to the data
+  position, so it fires again unless recovery skips that batch.
+- kill_during_save_at_step: while the checkpoint of step k is written, rank `rank` writes half of its first
+  file and dies with os._exit(137), as a node that loses power or is OOM-killed.
+- corrupt_checkpoint_at_step: after the checkpoint of step k is published, one of its files is truncated.
+- bad_replica_at_step: during step k the local gradients of rank `rank` are multiplied by 1000 before the
+  data-parallel reduction, as a host silently computing garbage.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from opt_ds.train.health import before_reduce_grads, local_gradients
+from opt_ds.train.recovery import set_scheduled_lr
+
+SPIKE_LR_MULTIPLIER = 100.0
+BAD_REPLICA_SCALE = 1000.0
+
+
+class FaultInjector:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg.run.faults
+        self.target_rank = self.cfg.rank % trainer.world_size
+        self.fired = set()
+        self._spiking = False
+        engine = trainer.engine
+        if self.cfg.kill_during_save_at_step is not None and trainer.rank == self.target_rank:
+            self._kill_during_writes(engine, f".tmp-global_step{self.cfg.kill_during_save_at_step}")
+        if self.cfg.bad_replica_at_step is not None and trainer.rank == self.target_rank:
+            before_reduce_grads(engine, self._bad_replica)
+
+    def announce(self) -> None:
+        armed = self.cfg.armed()
+        text = ", ".join(f"{k}={v}" for k, v in armed.items())
+        if self.trainer.rank == 0:
+            print(f"[opt_ds] !!! FAULT INJECTION ARMED: {text} (rank {self.target_rank}); this run is broken on "
+                  "purpose, for tests !!!", flush=True)
+        self.trainer.metrics.log("faults_armed", self.trainer.state.step, rank=self.target_rank, **armed)
+
+    def _say(self, text: str) -> None:
+        print(f"[opt_ds] FAULT (rank {self.trainer.rank}): {text}", flush=True)
+
+    # --- training --------------------------------------------------------------------------------
+
+    def before_step(self, state) -> None:
+        engine = self.trainer.engine
+        if self.cfg.nan_at_step == state.step + 1 and (self.cfg.persistent or "nan" not in self.fired):
+            self.fired.add("nan")
+            if engine.is_first_stage():
+                weight = next(p for p in engine.module.parameters() if p.dim() >= 2)
+                with torch.no_grad():
+                    weight.view(-1)[0] = float("nan")
+                self._say(f"a weight is NaN before step {state.step + 1}")
+        if self.cfg.spike_at_step == state.data_step + 1:
+            for group in engine.optimizer.param_groups:
+                group["lr"] *= SPIKE_LR_MULTIPLIER
+            self._spiking = True
+            if self.trainer.rank == 0:
+                self._say(f"step {state.step + 1} reads the poisoned batch {self.cfg.spike_at_step}: "
+                          f"{SPIKE_LR_MULTIPLIER:g}x LR update")
+
+    def after_step(self) -> None:
+        if self._spiking:
+            set_scheduled_lr(self.trainer.engine)
+            self._spiking = False
+
+    def _bad_replica(self) -> None:
+        if self.trainer.state.step + 1 != self.cfg.bad_replica_at_step or "bad_replica" in self.fired:
+            return
+        self.fired.add("bad_replica")
+        for grad in local_gradients(self.trainer.engine):
+            grad.mul_(BAD_REPLICA_SCALE)
+        self._say(f"local gradients x{BAD_REPLICA_SCALE:g} in step {self.cfg.bad_replica_at_step}")
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _kill_during_writes(self, engine, staging: str) -> None:
+        writer = engine.checkpoint_engine
+        write = writer.save
+
+        def save(state_dict, path):
+            if staging not in str(path):
+                return write(state_dict, path)
+            buffer = io.BytesIO()
+            torch.save(state_dict, buffer)
+            data = buffer.getvalue()
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            self._say(f"killed half-way through writing {path} ({len(data) // 2} of {len(data)} bytes)")
+            os._exit(137)
+
+        writer.save = save
+
+    def after_save(self, path: Path, step: int) -> None:
+        if self.cfg.corrupt_checkpoint_at_step != step or dist.get_rank() != 0:
+            return
+        victim = sorted(path.glob("layer_*"))[0]
+        size = victim.stat().st_size
+        with open(victim, "r+b") as f:
+            f.truncate(size // 2)
+        self._say(f"truncated {victim} from {size} to {size // 2} bytes")

@@ -1,0 +1,193 @@
+"""Per-step health checks: loss spikes against an EWM mean, non-finite loss or gradient norm, fp16 loss-scale
+collapse, and data-parallel replicas whose own gradients disagree (a silent bad host).
+
+Why the replica check measures gradients *before* the data-parallel reduction: DeepSpeed's ZeRO-1 norm is
+all-reduced over the DP group (each rank adds the squares of its partition of the averaged gradient), so
+every rank reports the same number by construction; a host that computes garbage only shifts that common
+number, and comparing it across ranks can never disagree. What differs per host is its own gradient, before
+the average. So just before the reduction every rank takes the norm of its local gradient slice and the DP
+group all-gathers these scalars: ranks holding the same slice (same pipeline stage and TP rank) of different
+replicas see different data but the same model, so their norms agree to within sampling noise. A replica
+that is non-finite while the others are not, or off by more than `health.replica_norm_ratio`, names its rank
+and host. Cost: one pass over the local gradients and one all-gather of a float per step.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from opt_ds.train.collective import device
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    kind: str               # nan_loss | nan_grad_norm | loss_spike | loss_scale_collapse | replica_disagreement
+    message: str
+    fatal: bool             # a divergence: roll back; otherwise a warning that marks the next checkpoint unhealthy
+    hardware: bool = False  # suspected bad host: roll back, but keep the LR and the data
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepObservation:
+    step: int
+    loss: float
+    grad_norm: Optional[float]
+    loss_scale: Optional[float]         # fp16 only
+    overflow: bool                      # fp16: the loss scaler skipped this update
+    replica_norms: Optional[list] = None    # this rank's DP group, one per replica (None: not measured)
+
+
+class HealthMonitor:
+    """Judges each step from what every rank sees identically (loss, reduced norm, loss scale) plus the
+    replica norms of its DP group. Its state (the EWM) is saved in checkpoints so a resume or a rollback
+    judges the next steps exactly as an uninterrupted run would."""
+
+    def __init__(self, cfg, *, fp16: bool, deepspeed_min_loss_scale: float, replica_names: Optional[list] = None):
+        self.cfg = cfg
+        self.fp16 = fp16
+        self.deepspeed_min_loss_scale = deepspeed_min_loss_scale
+        self.replica_names = replica_names
+        self.alpha = 2.0 / (cfg.ewm_window + 1)
+        self.ewm: Optional[float] = None
+        self.count = 0
+        self.spike_run = 0
+
+    def state_dict(self) -> dict:
+        return {"ewm": self.ewm, "count": self.count, "spike_run": self.spike_run}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ewm, self.count, self.spike_run = state.get("ewm"), state.get("count", 0), state.get("spike_run", 0)
+
+    def observe(self, obs: StepObservation) -> list:
+        if not self.cfg.enabled:
+            return []
+        found = []
+        if not math.isfinite(obs.loss):
+            found.append(Anomaly("nan_loss", f"loss is {obs.loss}", fatal=True))
+        else:
+            found += self._spike(obs.loss)
+        routine_overflow = self.fp16 and obs.overflow and math.isfinite(obs.loss)
+        if obs.grad_norm is not None and not math.isfinite(obs.grad_norm) and not routine_overflow:
+            found.append(Anomaly("nan_grad_norm", f"gradient norm is {obs.grad_norm}", fatal=True))
+        if obs.loss_scale is not None:
+            found += self.loss_scale_anomalies(obs.loss_scale)
+        if obs.replica_norms is not None and not obs.overflow:
+            found += replica_anomalies(obs.replica_norms, self.cfg.replica_norm_ratio, self.replica_names)
+        return found
+
+    def _spike(self, loss: float) -> list:
+        cfg = self.cfg
+        if self.ewm is not None and self.count >= cfg.spike_warmup_steps and loss > cfg.spike_factor * self.ewm:
+            self.spike_run += 1       # a spike does not enter the mean: a divergence must not raise its own bar
+            return [Anomaly("loss_spike", f"loss {loss:.4g} > {cfg.spike_factor:g} x EWM mean {self.ewm:.4g} "
+                            f"({self.spike_run} step(s) in a row; health.spike_patience={cfg.spike_patience})",
+                            fatal=self.spike_run >= cfg.spike_patience)]
+        self.spike_run = 0
+        self.ewm = loss if self.ewm is None else self.ewm + self.alpha * (loss - self.ewm)
+        self.count += 1
+        return []
+
+    def loss_scale_anomalies(self, scale: float) -> list:
+        if scale < self.cfg.min_loss_scale:
+            return [Anomaly("loss_scale_collapse", f"fp16 loss scale {scale:g} fell below health.min_loss_scale "
+                            f"{self.cfg.min_loss_scale:g}", fatal=True)]
+        if scale <= self.deepspeed_min_loss_scale:
+            return [Anomaly("loss_scale_collapse", f"fp16 loss scale {scale:g} is at DeepSpeed's floor "
+                            f"precision.min_loss_scale={self.deepspeed_min_loss_scale:g}: one more overflow "
+                            "would abort the run", fatal=True)]
+        return []
+
+
+def replica_anomalies(norms: list, ratio: float, names: Optional[list] = None) -> list:
+    """Compare the local gradient norms of the replicas of one model slice (index = DP rank)."""
+    names = names or [f"DP replica {i}" for i in range(len(norms))]
+    if len(norms) < 2:
+        return []
+    finite = [math.isfinite(n) for n in norms]
+    if not all(finite):
+        if not any(finite):
+            return []           # every replica non-finite: a real divergence, the loss/norm checks report it
+        bad = [names[i] for i, ok in enumerate(finite) if not ok]
+        return [Anomaly("replica_disagreement", f"{', '.join(bad)}: non-finite local gradient while the other "
+                        f"replicas' are finite ({_show(norms)})", fatal=True, hardware=True)]
+    low, high = min(norms), max(norms)
+    if high == 0.0 or (low > 0.0 and high / low <= ratio):
+        return []
+    limit = f"max/min > health.replica_norm_ratio={ratio:g}"
+    if len(norms) == 2:         # two replicas: which one is wrong cannot be told, name both
+        return [Anomaly("replica_disagreement", f"{names[0]} and {names[1]}: local gradient norms {_show(norms)} "
+                        f"disagree ({limit})", fatal=True, hardware=True)]
+    logs = [math.log(max(n, 1e-30)) for n in norms]
+    centre = statistics.median(logs)
+    outlier = max(range(len(norms)), key=lambda i: abs(logs[i] - centre))
+    return [Anomaly("replica_disagreement", f"{names[outlier]}: local gradient norm {norms[outlier]:.4g} vs "
+                    f"{_show(norms)} across the replicas ({limit})", fatal=True, hardware=True)]
+
+
+def _show(norms: list) -> str:
+    return "[" + ", ".join(f"{n:.3g}" for n in norms) + "]"
+
+
+def before_reduce_grads(engine, hook) -> None:
+    """Run `hook()` on this rank right before the pipeline engine's gradient reduction (DeepSpeed's
+    ReduceGrads instruction). Hooks chain: the one installed last runs first."""
+    from deepspeed.runtime.pipe import schedule
+    previous = engine._INSTRUCTION_MAP[schedule.ReduceGrads]
+
+    def reduce_grads(self):
+        hook()
+        previous(self)
+
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ReduceGrads: reduce_grads}
+
+
+def local_gradients(engine):
+    """This rank's gradients as they are before the data-parallel reduction (fp32 master copies under the
+    bf16 optimizer, which accumulates there)."""
+    for param in engine.module.parameters():
+        grad = getattr(param, "_hp_grad", None) if engine.using_bf16_optimizer else param.grad
+        if grad is not None:
+            yield grad
+
+
+class ReplicaNormProbe:
+    """Measures, every step, the local gradient norm of each DP replica of this rank's model slice."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.group = engine.grid.get_data_parallel_group()
+        self.size = dist.get_world_size(group=self.group)
+        self.norms: Optional[list] = None
+        before_reduce_grads(engine, self.measure)
+
+    def names(self) -> list:
+        """'rank R on HOST (stage S, TP rank T)' for each DP rank of this rank's group (collective)."""
+        grid = self.engine.grid
+        me = (f"DP replica {grid.data_parallel_id}: rank {dist.get_rank()} on {socket.gethostname()} "
+              f"(stage {grid.get_stage_id()}, TP rank {grid.get_slice_parallel_rank()})")
+        names = [None] * self.size
+        dist.all_gather_object(names, me, group=self.group)
+        return names
+
+    def measure(self) -> None:
+        squares = torch.zeros((), dtype=torch.float32, device=device())
+        for grad in local_gradients(self.engine):
+            squares += grad.detach().float().pow(2).sum().to(squares.device)
+        scale = getattr(self.engine.optimizer, "cur_scale", 1.0) if self.engine.fp16_enabled() else 1.0
+        norm = (squares.sqrt() / scale).reshape(1)
+        gathered = [torch.zeros_like(norm) for _ in range(self.size)]
+        dist.all_gather(gathered, norm, group=self.group)
+        self.norms = [float(t.item()) for t in gathered]
+
+    def take(self) -> Optional[list]:
+        norms, self.norms = self.norms, None
+        return norms
