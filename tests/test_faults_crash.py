@@ -1,15 +1,13 @@
 """Crash safety in real multi-process runs: a rank killed while writing a checkpoint leaves the previous one
 loadable and the resume exact; a damaged checkpoint is named with its file and the fix; SIGTERM reaching one
-rank of an srun-style launch stops every rank after the same step with a checkpoint, exit 0, exact resume."""
+rank under launchers/slurm.sbatch stops every rank after the same step with a checkpoint and exit 0, the job
+is requeued and resumes exactly."""
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 
 from fault_runs import BASE, clean_run, events, train, trajectory
-from multiproc import REPO, child_env
+from multiproc import REPO, run
 
 
 def test_rank_killed_mid_save_leaves_the_previous_checkpoint_and_an_exact_resume(tmp_path):
@@ -47,49 +45,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _srun_style_ranks(run_dir, nranks: int, overrides: list) -> list:
-    """Start the ranks as `opt-ds launch --launcher slurm` has srun start them: one process per rank, told its
-    rank by SLURM's task variables only. Each rank is a separate process that a signal can reach alone."""
-    port = _free_port()
-    procs = []
-    for rank in range(nranks):
-        env = child_env(OPT_DS_SLURM_RANKS=1, SLURM_PROCID=rank, SLURM_NTASKS=nranks, SLURM_LOCALID=rank,
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        log = open(run_dir / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "opt_ds", "train", "-", *BASE, f"train.save_dir={run_dir}/ckpt",
-             f"train.log_dir={run_dir}", *overrides], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    return procs
+def sbatch(tmp_path, *overrides, restart: int = 0, **env):
+    """Run launchers/slurm.sbatch as SLURM would on a one-node allocation of 2 ranks (fake srun/scontrol)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\nexec {sys.executable} {REPO}/tests/fake_slurm.py {tool} "$@"\n')
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "run.yaml").write_text("{}\n")
+    return run(["bash", REPO / "launchers" / "slurm.sbatch", tmp_path / "run.yaml", *BASE, f"train.log_dir={tmp_path}",
+                *overrides], check=False, timeout=240, PATH=f"{bin_dir}:{os.environ['PATH']}",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_NTASKS_PER_NODE=2,
+               SLURM_RESTART_COUNT=restart, SAVE_DIR=tmp_path / "ckpt", MASTER_PORT=_free_port(),
+               FAKE_SLURM_LOG=tmp_path / "scontrol.log", **env)
 
 
-def _wait_for_steps(run_dir, steps: int, procs, timeout: float = 180) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists() and metrics.read_text().count('"event": "train"') >= steps:
-            return
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    for p in procs:
-        p.kill()
-    raise AssertionError(f"no step {steps} in {metrics}: " + (run_dir / "rank0.log").read_text()[-3000:])
-
-
-def test_sigterm_to_one_rank_stops_all_after_the_same_step_with_a_checkpoint(tmp_path):
-    procs = _srun_style_ranks(tmp_path, 2, ["train.steps=1000", "train.save_interval=0"])
-    _wait_for_steps(tmp_path, 2, procs)
-    os.kill(procs[1].pid, signal.SIGTERM)       # the last pipeline stage only, mid-training
-    codes = [p.wait(timeout=120) for p in procs]
-    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+def test_preemption_signal_to_one_rank_saves_exits_0_requeues_and_resumes_exactly(tmp_path):
+    """launchers/slurm.sbatch end to end: SIGTERM reaches one rank only, mid-training. Every rank stops after
+    the same step with a checkpoint, srun exits 0, the script requeues; the requeued job resumes exactly."""
+    first = sbatch(tmp_path, "train.steps=12", "train.save_interval=0",
+                   FAKE_SLURM_SIGNAL=f"SIGTERM:1:{tmp_path / 'metrics.jsonl'}:2")
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert (tmp_path / "ckpt" / "hostfile.4242").read_text() == "localhost slots=2\n"
+    assert "srun --ntasks=2 --nodes=1 --ntasks-per-node=2 --nodelist=localhost" in first.stdout
     [stop] = events(tmp_path, "stop")
     stopped = stop["step"]
-    assert stop["signal"] == "SIGTERM" and stopped >= 2
-    ckpt = tmp_path / "ckpt"
-    assert (ckpt / "latest").read_text() == f"global_step{stopped}"
-    assert f'"step": {stopped}' in (ckpt / "preempted.json").read_text()
+    assert stop["signal"] == "SIGTERM" and 2 <= stopped < 12
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"global_step{stopped}"
+    assert f'"step": {stopped}' in (tmp_path / "ckpt" / "preempted.json").read_text()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
 
-    train(tmp_path, f"train.steps={stopped + 3}")
-    assert not (ckpt / "preempted.json").exists()
+    requeued = sbatch(tmp_path, "train.steps=12", "train.save_interval=0", restart=1)
+    assert requeued.returncode == 0, requeued.stdout[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n", "a finished run is not requeued"
+    assert not (tmp_path / "ckpt" / "preempted.json").exists()
     resumed, straight = trajectory(tmp_path), trajectory(clean_run())
-    assert [resumed[s] for s in range(1, stopped + 4)] == [straight[s] for s in range(1, stopped + 4)]
+    assert [resumed[s] for s in range(1, 13)] == [straight[s] for s in range(1, 13)]

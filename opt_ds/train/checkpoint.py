@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from opt_ds.errors import UserError
 from opt_ds.train import manifest
+from opt_ds.train.durable import fsync, write_atomically
 
 LATEST = "latest"
 ABANDONED = "abandoned"
@@ -76,27 +77,9 @@ def find(directory, tag: str) -> Published:
     return next(c for c in published(directory) if c.tag == tag)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def point_latest(save_dir, tag: str) -> None:
     """Rank 0 only: make `latest` name `tag` (atomically)."""
-    _write_atomically(Path(save_dir) / LATEST, tag)
+    write_atomically(Path(save_dir) / LATEST, tag)
 
 
 def set_aside_newer(save_dir, step: int) -> list:
@@ -134,15 +117,10 @@ def save(engine, save_dir, step: int, client_state: dict, health: Optional[dict]
         if final.exists():                                          # re-saving a step, e.g. after a rollback
             shutil.rmtree(final)
         os.rename(save_dir / staging, final)
-        _fsync_dir(save_dir)
+        fsync(save_dir)
         point_latest(save_dir, tag)
     dist.barrier()
     return final
-
-
-def verified(folder, mode: str) -> bool:
-    """Collective: True when the folder matches its manifest (or has none to check against)."""
-    return not manifest.verify(folder, mode)
 
 
 def previous_intact(directory, before_step: int, mode: str) -> Optional[Published]:

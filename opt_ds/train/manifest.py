@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
 
 from opt_ds.train.collective import all_gather_objects, from_rank0, rank_and_world
+from opt_ds.train.durable import fsync, write_atomically
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 * 2 ** 20
@@ -51,14 +51,6 @@ def _files(folder: Path) -> dict:
             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(folder, *, tag: str, step: int, health: Optional[dict]) -> None:
     """Collective: hash this rank's share of `folder`, then rank 0 writes the manifest (atomically) last.
     Every file is fsynced by the rank that hashes it, so a published checkpoint survives a power loss."""
@@ -68,7 +60,7 @@ def write(folder, *, tag: str, step: int, health: Optional[dict]) -> None:
     mine = {}
     for name in shares(sizes, world)[rank]:
         path = folder / name
-        _fsync(path)
+        fsync(path)
         mine[name] = {"size": path.stat().st_size, "sha256": sha256(path)}
     entries = {}
     for part in all_gather_objects(mine):
@@ -76,10 +68,7 @@ def write(folder, *, tag: str, step: int, health: Optional[dict]) -> None:
     if rank == 0:
         manifest = {"format": 1, "tag": tag, "step": step, "created": round(time.time(), 3), "health": health,
                     "files": dict(sorted(entries.items()))}
-        tmp = folder / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp)
-        os.replace(tmp, folder / MANIFEST)
+        write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def read(folder) -> Optional[dict]:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from opt_ds.train.durable import write_atomically
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_MARKER = "preempted.json"
 
@@ -42,10 +44,8 @@ class StopSignals:
 
 def write_marker(save_dir, step: int, signal_name: Optional[str]) -> None:
     """Rank 0 only: record that the run stopped early and should be resumed (the job script requeues)."""
-    path = Path(save_dir) / PREEMPTED_MARKER
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"step": step, "signal": signal_name, "time": round(time.time(), 3)}) + "\n")
-    tmp.replace(path)
+    write_atomically(Path(save_dir) / PREEMPTED_MARKER,
+                     json.dumps({"step": step, "signal": signal_name, "time": round(time.time(), 3)}) + "\n")
 
 
 def clear_marker(save_dir) -> None:
