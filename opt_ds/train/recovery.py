@@ -12,6 +12,7 @@ people, to incidents.md. A suspected bad host (replica disagreement) is rolled b
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,11 +44,11 @@ def set_scheduled_lr(engine) -> None:
 
 
 def apply_optimizer_settings(engine, run, state) -> None:
-    """The peak LR x state.lr_scale and the clipping state.clip_grad. Re-applied after every load, because
-    DeepSpeed restores the scheduler's base LRs and the optimizer's clip value from the checkpoint files."""
+    """Peak LR = optimizer.lr x state.lr_scale, clipping = state.clip_grad (or optimizer.clip_grad). Applied
+    after every load, because DeepSpeed restores the scheduler's base LRs and the optimizer's clip value from
+    the checkpoint files; the config stays the source of truth (a lower optimizer.lr on resume takes effect)."""
     scheduler = engine.lr_scheduler
-    scheduler.base_lrs = [group.get("initial_lr", run.optimizer.lr) * state.lr_scale
-                          for group in scheduler.optimizer.param_groups]
+    scheduler.base_lrs = [run.optimizer.lr * state.lr_scale for _ in scheduler.base_lrs]
     set_scheduled_lr(engine)
     clip = state.clip_grad if state.clip_grad is not None else run.optimizer.clip_grad
     engine._config.gradient_clipping = clip
@@ -85,22 +86,24 @@ class Supervisor:
 
     def start(self, resumed_tag: Optional[str]) -> None:
         """After the engine is built and any resume is loaded: restore the health state, re-apply the LR and
-        clipping of the run state, and make the save folder hold this trajectory only."""
+        clipping of the run state, and make the save folder hold this run's trajectory only (rollback picks
+        from it): checkpoints that are not behind the resumed one go to `<save_dir>/abandoned/`."""
         t, train = self.trainer, self.run.train
         self.monitor.load_state_dict(t.state.health)
         apply_optimizer_settings(t.engine, self.run, t.state)
         if t.rank == 0 and train.save_dir:
             signals.clear_marker(train.save_dir)
-            same_folder = resumed_tag and Path(train.load_dir or train.save_dir).resolve() == \
-                Path(train.save_dir).resolve()
-            if same_folder:
-                moved = checkpoint.set_aside_newer(train.save_dir, t.state.step)
-                if moved:
+            resumed_here = resumed_tag is not None and \
+                Path(train.load_dir or train.save_dir).resolve() == Path(train.save_dir).resolve()
+            moved = checkpoint.set_aside_newer(train.save_dir, t.state.step if resumed_here else -1)
+            if moved:
+                if resumed_here:
                     checkpoint.point_latest(train.save_dir, resumed_tag)
-                    print(f"[opt_ds] resumed from {resumed_tag}: the newer checkpoints {', '.join(moved)} belong to "
-                          f"another trajectory and were moved to {Path(train.save_dir) / checkpoint.ABANDONED}",
-                          flush=True)
-                    t.metrics.log("abandoned", t.state.step, checkpoints=moved)
+                origin = f"resumed from {resumed_tag}" if resumed_tag else "started from scratch"
+                print(f"[opt_ds] WARNING: {origin}: the checkpoints {', '.join(moved)} in {train.save_dir} belong "
+                      f"to another trajectory and were moved to {Path(train.save_dir) / checkpoint.ABANDONED}",
+                      flush=True)
+                t.metrics.log("abandoned", t.state.step, checkpoints=moved)
         if self.faults is not None:
             self.faults.announce()
         barrier()
@@ -126,7 +129,7 @@ class Supervisor:
         if self.monitor.ewm is not None:
             record["loss_ewm"] = self.monitor.ewm
         record["clip_grad"] = float(getattr(t.engine.optimizer, "clip_grad", t.engine.gradient_clipping()))
-        if replica_norms and min(replica_norms) > 0:
+        if replica_norms and min(replica_norms) > 0 and math.isfinite(max(replica_norms)):
             record["replica_norm_spread"] = max(replica_norms) / min(replica_norms)   # vs health.replica_norm_ratio
         fatal, optimization, stop, noted = any_rank([
             any(a.fatal for a in local), any(a.fatal and not a.hardware for a in local),
@@ -279,13 +282,17 @@ class Supervisor:
         if healthy:
             fix = (f"to continue by hand, resume from the last healthy checkpoint {healthy[-1]} with "
                    f"train.load_tag={healthy[-1]} and a lower optimizer.lr")
+        elif train.save_dir:
+            fix = (f"no checkpoint in {train.save_dir} is marked healthy: restart with a lower optimizer.lr (and a "
+                   "train.save_interval that saves before the divergence)")
         else:
-            fix = "no healthy checkpoint exists: set train.save_dir and train.save_interval, and lower optimizer.lr"
+            fix = "set train.save_dir and train.save_interval so there is a checkpoint to roll back to"
         where = incident_path(train)
         self.incidents.write(f"step {step}: gave up", [f"detected: {verdict.summary()}", f"not recovered: {reason}",
                                                      fix])
         t.metrics.log("gave_up", step, reason=reason, anomalies=verdict.anomalies)
         t.metrics.close()
+        self.close()
         raise TrainingDiverged(f"training diverged at step {step} ({verdict.summary()}); {reason}. "
                                f"{fix[0].upper() + fix[1:]}" + (f". Incident log: {where}" if where else ""))
 
