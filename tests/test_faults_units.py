@@ -150,6 +150,14 @@ def test_fp16_overflow_is_routine_but_a_collapsing_scale_is_not():
     assert "one more overflow would abort the run" in floor.message
 
 
+def test_nan_from_one_replica_is_blamed_on_its_host():
+    mon = HealthMonitor(HealthConfig(), fp16=False, deepspeed_min_loss_scale=1.0)
+    found = observe(mon, 3.0, float("inf"), overflow=True, replicas=[0.5, float("nan"), 0.6])
+    assert [(a.kind, a.hardware) for a in found] == [("nan_grad_norm", True), ("replica_disagreement", True)]
+    found = observe(mon, float("nan"), float("nan"), overflow=True, replicas=[float("nan")] * 3)
+    assert not any(a.hardware for a in found), "every replica NaN: a real divergence"
+
+
 def test_replica_check_names_the_odd_replica():
     assert replica_anomalies([1.0, 1.3, 0.9], ratio=10) == []
     [bad] = replica_anomalies([1.0, 250.0, 0.9, 1.1], ratio=10)

@@ -70,19 +70,23 @@ class HealthMonitor:
     def observe(self, obs: StepObservation) -> list:
         if not self.cfg.enabled:
             return []
+        routine_overflow = self.fp16 and obs.overflow and math.isfinite(obs.loss)
+        replicas = []
+        if obs.replica_norms is not None and not routine_overflow:
+            replicas = replica_anomalies(obs.replica_norms, self.cfg.replica_norm_ratio, self.replica_names)
         found = []
+        # a NaN that one replica alone produced is that host's fault, not the optimization's
+        explained = bool(replicas)
         if not math.isfinite(obs.loss):
-            found.append(Anomaly("nan_loss", f"loss is {obs.loss}", fatal=True))
+            found.append(Anomaly("nan_loss", f"loss is {obs.loss}", fatal=True, hardware=explained))
         else:
             found += self._spike(obs.loss)
-        routine_overflow = self.fp16 and obs.overflow and math.isfinite(obs.loss)
         if obs.grad_norm is not None and not math.isfinite(obs.grad_norm) and not routine_overflow:
-            found.append(Anomaly("nan_grad_norm", f"gradient norm is {obs.grad_norm}", fatal=True))
+            found.append(Anomaly("nan_grad_norm", f"gradient norm is {obs.grad_norm}", fatal=True,
+                                 hardware=explained))
         if obs.loss_scale is not None:
             found += self.loss_scale_anomalies(obs.loss_scale)
-        if obs.replica_norms is not None and not obs.overflow:
-            found += replica_anomalies(obs.replica_norms, self.cfg.replica_norm_ratio, self.replica_names)
-        return found
+        return found + replicas
 
     def _spike(self, loss: float) -> list:
         cfg = self.cfg
