@@ -16,6 +16,7 @@ from opt_ds.errors import UserError
 
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
+    "generate": ("opt_ds.train.generate_cli", "sample text from a training checkpoint"),
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
 }
 

@@ -106,7 +106,7 @@ class DataConfig:
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None
-    tokenizer_dir: Optional[str] = None         # vocab.json + merges.txt used to decode samples
+    tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
 
 
 @dataclass
@@ -124,6 +124,15 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    prompt: Optional[str] = None                # text continued at the end of training (needs a tokenizer)
+    max_new_tokens: int = 48
+    top_p: float = 0.9                          # 0 = greedy
+    temperature: float = 0.8
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -132,6 +141,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     deepspeed: Optional[str] = None             # a DeepSpeed JSON to check against this config
 
     def to_dict(self) -> dict:

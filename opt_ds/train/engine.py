@@ -68,8 +68,10 @@ def _clip_fp32_gradients(engine) -> None:
     engine._global_grad_norm = norm.item()
 
 
-def build_engine(cfg: ResolvedConfig):
-    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine."""
+def build_engine(cfg: ResolvedConfig, for_training: bool = True):
+    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine.
+
+    For inference (`for_training=False`) no optimizer or ZeRO state is allocated."""
     import deepspeed
 
     layout = cfg.layout
@@ -78,6 +80,9 @@ def build_engine(cfg: ResolvedConfig):
     module = build_pipeline(cfg.shape, layout, seed=run.train.seed,
                             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
                             partition_method=run.parallel.partition_method)
+    if not for_training:
+        config = {**cfg.deepspeed_config(), "zero_optimization": {"stage": 0}}
+        return deepspeed.initialize(model=module, config=config)[0]
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=make_optimizer(module, cfg),

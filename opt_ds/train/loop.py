@@ -144,6 +144,18 @@ class Trainer:
         self.metrics.log("eval", self.state.step, **result)
         return result
 
+    def sample(self) -> str:
+        from opt_ds.data.tokenizer import BPETokenizer
+        from opt_ds.train.generate import sample_text
+        run = self.cfg.run
+        sample = run.sample
+        text = sample_text(self.engine, BPETokenizer.load(run.data.tokenizer or "opt"), sample.prompt,
+                           seq_length=run.batch.seq_length, micro_batch=run.batch.micro_batch_size,
+                           max_new_tokens=sample.max_new_tokens, top_p=sample.top_p,
+                           temperature=sample.temperature, seed=sample.seed)
+        self.metrics.log("sample", self.state.step, prompt=sample.prompt, text=text)
+        return text
+
     def train(self) -> dict:
         train = self.cfg.run.train
         self.metrics.log("start", self.state.step, layout=str(self.cfg.layout),
@@ -166,6 +178,8 @@ class Trainer:
             last["eval"] = self.evaluate()
         if train.save_dir:
             self.save()
+        if self.cfg.run.sample.prompt:
+            self.sample()
         self.metrics.log("end", self.state.step)
         self.metrics.close()
         return last
