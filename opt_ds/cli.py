@@ -18,6 +18,7 @@ BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
     "generate": ("opt_ds.train.generate_cli", "sample text from a training checkpoint"),
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
+    "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),
 }
 
 
