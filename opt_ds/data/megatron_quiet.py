@@ -1,5 +1,5 @@
-"""megatron-core's data modules without the noise: importing megatron.core warns that Transformer Engine and
-Apex are absent (irrelevant for data), and its dataset builders log every index they build or load at INFO."""
+"""megatron-core's data modules without the noise: importing megatron.core warns (and logs) that Transformer
+Engine and Apex are absent (irrelevant for data), and its dataset code logs every index it builds or loads."""
 from __future__ import annotations
 
 import importlib
@@ -9,14 +9,14 @@ from contextlib import contextmanager
 
 
 def import_quietly(module: str):
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_dataset_logs(logger_name="megatron.core"):
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         return importlib.import_module(module)
 
 
 @contextmanager
-def quiet_dataset_logs(level: int = logging.WARNING):
-    logger = logging.getLogger("megatron.core.datasets")
+def quiet_dataset_logs(level: int = logging.WARNING, logger_name: str = "megatron.core.datasets"):
+    logger = logging.getLogger(logger_name)
     previous = logger.level
     logger.setLevel(level)
     try:
