@@ -3,6 +3,7 @@ the SyntheticTokens sample interface, and the same samples under torch.distribut
 import hashlib
 import json
 import re
+import shutil
 import textwrap
 from collections import Counter
 
@@ -97,6 +98,9 @@ def test_corpus_stats_and_no_valid_when_not_asked(corpora, tmp_path):
     train, valid = build(corpora, tmp_path / "cache", split="100,0,0", valid=10)
     assert valid is None and len(train) >= 800
     assert build(corpora, tmp_path / "cache", valid=0)[1] is None
+    train, valid = build_datasets([(corpora[0], 1.0)], "90,10,0", SEQ, 5, 10, 5)  # default cache, vocabulary
+    assert train.megatron_dataset.config.tokenizer.vocab_size == 50265
+    assert any(corpora[0].with_name("index-cache").iterdir())
 
 
 def test_bad_arguments_are_refused_before_building(corpora, tmp_path):
@@ -115,6 +119,11 @@ def test_bad_arguments_are_refused_before_building(corpora, tmp_path):
                                 vocab_size=300), progress=False)
     with pytest.raises(DataError, match="mixes tokenizers"):
         build_datasets([(corpora[0], 1.0), (trained, 1.0)], "90,10,0", SEQ, 1, 10, 1, tmp_path / "c", 50272)
+    bare = tmp_path / "bare"  # .bin/.idx made elsewhere: no tokenizer beside them
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(corpora[0].with_name("A" + suffix), bare.with_name("bare" + suffix))
+    with pytest.raises(DataError, match="no tokenizer saved beside .*pass vocab_size"):
+        build_datasets([(bare, 1.0)], "90,10,0", SEQ, 1, 10, 1, tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from opt_ds.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-    from opt_ds.data.sources import BUNDLED_CORPUS, InputError
+    from opt_ds.data.preprocess import PreprocessConfig, preprocess
+    from opt_ds.data.sources import BUNDLED_CORPUS
 
     inputs = list(args.inputs) + ([str(BUNDLED_CORPUS)] if args.bundled_corpus else [])
     cfg = PreprocessConfig(
@@ -49,11 +49,8 @@ def run(args: argparse.Namespace) -> int:
         json_key=args.json_key, workers=args.workers, chunk_mb=args.chunk_mb, exact_dedup=args.exact_dedup,
         near_dedup=args.near_dedup, near_threshold=args.near_threshold, skip_bad_records=args.skip_bad_records,
         overwrite=args.overwrite, restart=args.restart)
-    try:
+    try:  # bad input raises a UserError, which `opt-ds` prints as one line (exit status 2)
         summary = preprocess(cfg, progress=args.progress)
-    except (PreprocessError, InputError) as err:
-        print(f"opt-ds preprocess: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("opt-ds preprocess: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -24,12 +24,13 @@ import torch
 
 from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
-from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, tokenizer_files
+from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, TokenizerError, tokenizer_files
+from opt_ds.errors import UserError
 
 _SPLIT = re.compile(r"^\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*$")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Datasets that cannot be built from these arguments; the message says why and how to fix it."""
 
 
@@ -83,13 +84,16 @@ def dataset_tokenizer(prefix: str | os.PathLike) -> BPETokenizer:
 
 
 def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq_length: int, seed: int,
-                   num_train_samples: int, num_valid_samples: int, cache_dir: str | os.PathLike,
-                   vocab_size: int, eos_id: int = EOS_ID, pad_id: int = PAD_ID
+                   num_train_samples: int, num_valid_samples: int, cache_dir: str | os.PathLike | None = None,
+                   vocab_size: int | None = None, eos_id: int = EOS_ID, pad_id: int = PAD_ID
                    ) -> tuple[TokenWindows, TokenWindows | None]:
     """(train, valid) over the corpora of `blend` ((prefix, weight) pairs, mixed by weight), cut by
     documents with `split` ("train,valid,test" weights, e.g. "949,50,1"). Train holds at least
     `num_train_samples` samples (corpora repeat when too small), valid `num_valid_samples`; valid is None
-    when the split gives it no share or `num_valid_samples` is 0. Call it on every rank."""
+    when the split gives it no share or `num_valid_samples` is 0. Call it on every rank.
+
+    `cache_dir` defaults to `index-cache/` beside the first corpus. `vocab_size` is the model's vocabulary
+    (checked to hold the corpora's tokenizer); by default the size of the tokenizer saved with the corpora."""
     prefixes, weights = _check_blend(blend)
     shares = _check_split(split)
     if seq_length < 1 or num_train_samples < 1 or num_valid_samples < 0:
@@ -97,8 +101,8 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
                         f"{seq_length}, {num_train_samples}, {num_valid_samples}")
     want_valid = num_valid_samples > 0 and shares[1] > 0
     _check_documents_per_split(prefixes, shares, want_valid)
-    _check_tokenizers(prefixes, vocab_size)
-    cache_dir = Path(cache_dir).absolute()
+    vocab_size = _check_tokenizers(prefixes, vocab_size)
+    cache_dir = Path(cache_dir if cache_dir is not None else Path(prefixes[0]).parent / "index-cache").absolute()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -182,15 +186,17 @@ def _check_documents_per_split(prefixes: list[str], shares: list[float], want_va
                     f"{name} share, or cut the corpus into more documents")
 
 
-def _check_tokenizers(prefixes: list[str], vocab_size: int) -> None:
-    """Blended corpora must share one tokenizer, and its ids must fit the model's vocabulary."""
-    seen = {}
+def _check_tokenizers(prefixes: list[str], vocab_size: int | None) -> int:
+    """Blended corpora must share one tokenizer, and its ids must fit the model's vocabulary (returned:
+    `vocab_size`, or by default the tokenizer's size)."""
+    seen, sizes = {}, set()
     for prefix in prefixes:
         try:
             tokenizer = dataset_tokenizer(prefix)
-        except ValueError:
+        except TokenizerError:
             continue  # made by another tool: nothing to compare
-        if tokenizer.vocab_size > vocab_size:
+        sizes.add(tokenizer.vocab_size)
+        if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(f"{prefix} was tokenized with a vocabulary of {tokenizer.vocab_size} entries, more than "
                             f"vocab_size={vocab_size}; raise the model's vocabulary size")
         digest = hashlib.sha256(tokenizer.vocab_file.read_bytes() + tokenizer.merges_file.read_bytes()).hexdigest()
@@ -198,3 +204,7 @@ def _check_tokenizers(prefixes: list[str], vocab_size: int) -> None:
     if len(seen) > 1:
         raise DataError(f"the blend mixes tokenizers ({', '.join(seen.values())} differ): their token ids mean "
                         "different things. Preprocess every corpus with the same --tokenizer")
+    if vocab_size is None and not sizes:
+        raise DataError(f"no tokenizer saved beside {prefixes[0]} (PREFIX.tokenizer/): pass vocab_size, the "
+                        "model's vocabulary size")
+    return vocab_size if vocab_size is not None else sizes.pop()

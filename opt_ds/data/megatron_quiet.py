@@ -11,6 +11,7 @@ from contextlib import contextmanager
 def import_quietly(module: str):
     with warnings.catch_warnings(), quiet_dataset_logs(logger_name="megatron.core"):
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # megatron/torch internals at import
         return importlib.import_module(module)
 
 

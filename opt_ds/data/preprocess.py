@@ -34,12 +34,13 @@ from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
 from opt_ds.data.sources import BadRecord, Document, InputError, expand_inputs, read_records
 from opt_ds.data.tokenizer import MIN_VOCAB_SIZE, BPETokenizer, TokenizerError, tokenizer_files, train_bpe
+from opt_ds.errors import UserError
 
 MAX_RECORDS_PER_CHUNK = 100_000
 MAX_EXAMPLES = 20  # skipped records listed by location in the summary
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """Arguments or inputs that cannot give a dataset; the message names the problem and the fix."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from opt_ds.errors import UserError
+
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "corpus" / "shakespeare.jsonl.gz"
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -27,7 +29,7 @@ FIXES = {
 }
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Inputs that cannot be read; the message names the file and the fix."""
 
 

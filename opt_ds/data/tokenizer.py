@@ -17,6 +17,7 @@ from typing import Iterable
 from tokenizers import ByteLevelBPETokenizer
 
 from opt_ds.data import atomic
+from opt_ds.errors import UserError
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, fairseq order
 PAD_ID, EOS_ID, BOS_ID = 1, 2, 2
@@ -27,7 +28,7 @@ OPT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "opt-tok
 FILE_NAMES = (("vocab.json", "merges.txt"), ("gpt2-vocab.json", "gpt2-merges.txt"))
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer that cannot be loaded or trained; the message says why and how to fix it."""
 
 
