@@ -1,7 +1,7 @@
 """`opt-ds preprocess`: lossless round trips, dedup, bad input, never-damaged output, and resume after a kill."""
+import fcntl
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +17,7 @@ from opt_ds.data.megatron_quiet import import_quietly
 from opt_ds.data.preprocess import PreprocessConfig, PreprocessError, preprocess
 from opt_ds.data.sources import BUNDLED_CORPUS
 from opt_ds.data.tokenizer import BPETokenizer
+from opt_ds.data.workdir import PartialRunError
 
 DOCS = ["Plain ASCII document.\nSecond line.", "Grüße aus Köln — naïve café, 東京, 🎭 \r\nCRLF kept\t tabs",
         "  leading and trailing spaces, literal </s> and <pad>  ", "Ωμέγα: ελληνικό κείμενο.\n\n\n"]
@@ -137,8 +138,12 @@ def test_unfinished_run_with_other_arguments_is_not_mixed_in(tmp_path):
     files = DatasetFiles.of(tmp_path / "ds")
     files.work.mkdir()
     (files.work / "manifest.json").write_text(json.dumps({"format": 1, "json_key": "body"}))
-    with pytest.raises(PreprocessError, match="unfinished run with other arguments.*pass --restart"):
+    with pytest.raises(PartialRunError, match="unfinished run with other arguments.*pass --restart"):
         run_preprocess([good], files.prefix)
+    with open(files.work / "lock", "w") as lock:  # as a concurrent run holds it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(PartialRunError, match="another `opt-ds preprocess` is writing"):
+            run_preprocess([good], files.prefix, restart=True)
     assert run_preprocess([good], files.prefix, restart=True)["documents_kept"] == 1
 
 

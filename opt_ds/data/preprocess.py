@@ -12,7 +12,6 @@ and every finished chunk. The output does not depend on the number of workers.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import itertools
 import json
@@ -21,7 +20,6 @@ import shutil
 import sys
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +32,7 @@ from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
 from opt_ds.data.sources import BadRecord, Document, InputError, expand_inputs, read_records
 from opt_ds.data.tokenizer import MIN_VOCAB_SIZE, BPETokenizer, TokenizerError, tokenizer_files, train_bpe
+from opt_ds.data.workdir import Scan, WorkDir
 from opt_ds.errors import UserError
 
 MAX_RECORDS_PER_CHUNK = 100_000
@@ -74,7 +73,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool | None = None) -> dict:
     started = time.time()
     plan = _validate(cfg)
     progress = sys.stderr.isatty() if progress is None else progress
-    work = _WorkDir(plan.out.work)
+    work = WorkDir(plan.out.work)
     with work.locked():
         work.begin(_fingerprint(plan), restart=cfg.restart)
         try:
@@ -84,7 +83,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool | None = None) -> dict:
             work.discard()  # nothing worth resuming: the scan is redone on the next run anyway
             raise
         tokenizer = _prepare_tokenizer(plan, work, scan.keep)
-        chunks, resumed = _tokenize(plan, work, tokenizer, scan.keep, progress)
+        chunks, resumed = _tokenize(plan, work, scan.keep, progress)
         summary = _summary(plan, scan, tokenizer, chunks, resumed, started)
         _publish(plan.out, work, chunks, summary)
     return summary
@@ -143,73 +142,6 @@ def _fingerprint(plan: _Plan) -> dict:
     return {"format": 1, "inputs": inputs, "tokenizer_sha256": tokenizer_digest, **options}
 
 
-# --- the work directory: partial results of one run -----------------------------------------------------
-
-@dataclass
-class _Scan:
-    keep: np.ndarray  # bool, one per record read, in reading order
-    counts: dict  # records_read, documents_kept, exact_duplicates, near_duplicates, skipped: {reason: n}
-    examples: list  # "where: why" of the first skipped records
-
-
-class _WorkDir:
-    def __init__(self, path: Path):
-        self.path = path
-        self.chunks = path / "chunks"
-        self.tokenizer = path / "tokenizer"
-
-    @contextmanager
-    def locked(self):
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / "lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise PreprocessError(f"another `opt-ds preprocess` is writing {self.path}; wait for it to finish") from None
-            yield
-
-    def begin(self, fingerprint: dict, restart: bool) -> None:
-        manifest = self.path / "manifest.json"
-        if manifest.exists():
-            previous = json.loads(manifest.read_text())
-            if previous == fingerprint:
-                return
-            if not restart:
-                changed = sorted(k for k in fingerprint.keys() | previous.keys() if previous.get(k) != fingerprint.get(k))
-                raise PreprocessError(
-                    f"{self.path} holds an unfinished run with other arguments or inputs (differs in: "
-                    f"{', '.join(changed)}). Rerun that command to finish it, or pass --restart to discard it")
-        self.discard(keep_lock=True)
-        self.chunks.mkdir(parents=True)
-        atomic.write_text(manifest, json.dumps(fingerprint, indent=1))
-
-    def discard(self, keep_lock: bool = False) -> None:
-        for entry in self.path.iterdir():
-            if entry.name == "lock" and keep_lock:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        if not keep_lock:
-            self.path.rmdir()
-
-    def load_scan(self) -> _Scan | None:
-        if not (self.path / "scan.json").exists():
-            return None
-        info = json.loads((self.path / "scan.json").read_text())
-        return _Scan(np.load(self.path / "scan-keep.npy"), info["counts"], info["examples"])
-
-    def save_scan(self, scan: _Scan) -> _Scan:
-        np.save(self.path / "scan-keep.npy", scan.keep)  # before scan.json, which marks the scan done
-        atomic.write_text(self.path / "scan.json", json.dumps({"counts": scan.counts, "examples": scan.examples}))
-        return scan
-
-    def chunk_prefix(self, index: int) -> Path:
-        return self.chunks / f"{index:06d}"
-
-    def finished_chunk(self, index: int) -> dict | None:
-        marker = self.chunk_prefix(index).with_suffix(".json")
-        return json.loads(marker.read_text()) if marker.exists() else None
-
-
 # --- the two passes ---------------------------------------------------------------------------------------
 
 def _chunks(plan: _Plan) -> Iterator[tuple[int, list]]:
@@ -262,7 +194,7 @@ def _progress_bar(enabled: bool, **kwargs):
     return tqdm(disable=not enabled, unit="doc", dynamic_ncols=True, **kwargs)
 
 
-def _scan(plan: _Plan, progress: bool) -> _Scan:
+def _scan(plan: _Plan, progress: bool) -> Scan:
     cfg = plan.cfg
     keep, counts, skipped, examples = [], Counter(), Counter(), []
     seen = set()
@@ -306,10 +238,10 @@ def _scan(plan: _Plan, progress: bool) -> _Scan:
             bar.update(len(records))
     counts = {"records_read": len(keep), "documents_kept": sum(keep), "exact_duplicates": counts["exact_duplicates"],
               "near_duplicates": counts["near_duplicates"], "skipped": dict(sorted(skipped.items()))}
-    return _Scan(np.array(keep, dtype=bool), counts, examples)
+    return Scan(np.array(keep, dtype=bool), counts, examples)
 
 
-def _check_not_empty(scan: _Scan) -> None:
+def _check_not_empty(scan: Scan) -> None:
     c = scan.counts
     if c["documents_kept"] == 0:
         raise PreprocessError(
@@ -324,7 +256,7 @@ def _kept_texts(plan: _Plan, keep: np.ndarray) -> Iterator[str]:
     return (r.text for r, k in zip(records, keep) if k)
 
 
-def _prepare_tokenizer(plan: _Plan, work: _WorkDir, keep: np.ndarray) -> BPETokenizer:
+def _prepare_tokenizer(plan: _Plan, work: WorkDir, keep: np.ndarray) -> BPETokenizer:
     """The tokenizer in the work directory: a copy of the given one, or one trained on the kept documents."""
     try:
         return BPETokenizer(*tokenizer_files(work.tokenizer))
@@ -375,38 +307,36 @@ def _tokenize_chunk(texts: list[str], prefix: str) -> dict:
     return stats
 
 
-def _tokenize(plan: _Plan, work: _WorkDir, tokenizer: BPETokenizer, keep: np.ndarray,
-              progress: bool) -> tuple[list[dict], int]:
+def _tokenize(plan: _Plan, work: WorkDir, keep: np.ndarray, progress: bool) -> tuple[list[dict], int]:
     """Per-chunk stats in chunk order, and how many chunks an earlier run had finished."""
     _indexed_dataset()  # import once here, not in every forked worker
-    finished, first_record = {}, 0
+    stats, finished = {}, set()
+    bar = _progress_bar(progress, desc="tokenize", total=int(keep.sum()))
 
     def jobs():
-        nonlocal first_record
+        first_record = 0
         for index, records in _chunks(plan):
             mask = keep[first_record:first_record + len(records)]
             first_record += len(records)
             done = work.finished_chunk(index)
             if done is not None:
-                finished[index] = done
+                stats[index] = done
+                finished.add(index)
                 bar.update(done["documents"])
-                continue
-            texts = [r.text for r, k in zip(records, mask) if k]
-            yield index, (texts, str(work.chunk_prefix(index)))
+            else:
+                yield index, ([r.text for r, k in zip(records, mask) if k], str(work.chunk_prefix(index)))
 
-    stats = {}
-    with _progress_bar(progress, desc="tokenize", total=int(keep.sum())) as bar:
+    with bar:
         for index, chunk_stats in _in_order(plan.cfg.workers, _tokenize_chunk, jobs(),
                                             _load_worker_tokenizer, (str(work.tokenizer),)):
             stats[index] = chunk_stats
             bar.update(chunk_stats["documents"])
-    stats.update(finished)
     return [dict(stats[i], index=i) for i in sorted(stats)], len(finished)
 
 
 # --- merge, summary, publish ------------------------------------------------------------------------------
 
-def _summary(plan: _Plan, scan: _Scan, tokenizer: BPETokenizer, chunks: list[dict], resumed: int,
+def _summary(plan: _Plan, scan: Scan, tokenizer: BPETokenizer, chunks: list[dict], resumed: int,
              started: float) -> dict:
     cfg = plan.cfg
     return {
@@ -427,7 +357,7 @@ def _summary(plan: _Plan, scan: _Scan, tokenizer: BPETokenizer, chunks: list[dic
     }
 
 
-def _publish(out: DatasetFiles, work: _WorkDir, chunks: list[dict], summary: dict) -> None:
+def _publish(out: DatasetFiles, work: WorkDir, chunks: list[dict], summary: dict) -> None:
     merged = work.path / "merged"
     indexed = _indexed_dataset()
     builder = indexed.IndexedDatasetBuilder(f"{merged}.bin", dtype=np.dtype(summary["token_dtype"]).type)
