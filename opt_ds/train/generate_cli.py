@@ -67,10 +67,11 @@ def run(args) -> int:
     from opt_ds.data.tokenizer import BPETokenizer
     from opt_ds.train.engine import build_engine
     from opt_ds.train.generate import sample_text
+    from opt_ds.train.loop import run_tokenizer
 
     save_dir, tag = locate(Path(args.checkpoint))
     cfg = inference_config(saved_run_config(save_dir, tag), int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = BPETokenizer.load(args.tokenizer or cfg.run.data.tokenizer or "opt")
+    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else run_tokenizer(cfg)
     engine = build_engine(cfg, for_training=False)
     checkpoint.load(engine, save_dir, tag, module_only=True)
     text = sample_text(engine, tokenizer, args.prompt, seq_length=cfg.run.batch.seq_length, micro_batch=1,

@@ -52,7 +52,20 @@ def build_datasets(cfg: ResolvedConfig):
         * run.batch.global_batch_size
     return build_indexed(blend=[(entry.path, entry.weight) for entry in run.data.train], split=run.data.split,
                          seq_length=seq, seed=run.train.seed, num_train_samples=steps * run.batch.global_batch_size,
-                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir)
+                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir,
+                         vocab_size=cfg.shape.vocab_size)
+
+
+def run_tokenizer(cfg: ResolvedConfig):
+    """data.tokenizer if set, else the tokenizer saved beside the first corpus, else OPT's."""
+    from opt_ds.data.tokenizer import BPETokenizer
+    data = cfg.run.data
+    if data.tokenizer:
+        return BPETokenizer.load(data.tokenizer)
+    if data.train:
+        from opt_ds.data.datasets import dataset_tokenizer
+        return dataset_tokenizer(data.train[0].path)
+    return BPETokenizer.load("opt")
 
 
 def peak_memory_gib() -> float:
@@ -145,11 +158,10 @@ class Trainer:
         return result
 
     def sample(self) -> str:
-        from opt_ds.data.tokenizer import BPETokenizer
         from opt_ds.train.generate import sample_text
         run = self.cfg.run
         sample = run.sample
-        text = sample_text(self.engine, BPETokenizer.load(run.data.tokenizer or "opt"), sample.prompt,
+        text = sample_text(self.engine, run_tokenizer(self.cfg), sample.prompt,
                            seq_length=run.batch.seq_length, micro_batch=run.batch.micro_batch_size,
                            max_new_tokens=sample.max_new_tokens, top_p=sample.top_p,
                            temperature=sample.temperature, seed=sample.seed)
