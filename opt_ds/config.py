@@ -228,8 +228,9 @@ def apply_overrides(raw: dict, overrides) -> dict:
 
 
 def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "ResolvedConfig":
+    """Read a YAML config (None or "-": no file, defaults) and apply `section.key=value` overrides."""
     raw: dict = {}
-    if path is not None:
+    if path is not None and str(path) != "-":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as "

@@ -58,7 +58,7 @@ def check_hosts_fit(hosts: dict, tensor: int) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML run config")
+    parser.add_argument("config", help="YAML run config ('-': none, defaults plus overrides)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one `hostname slots=N` line per node")

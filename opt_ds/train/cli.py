@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(None if args.config == "-" else args.config, args.overrides, world_size=world_size)
+    cfg = load_config(args.config, args.overrides, world_size=world_size)
     if args.print_config:
         print(json.dumps({"config": cfg.run.to_dict(), "layout": str(cfg.layout),
                           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
