@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
+    "bench": ("opt_ds.bench.cli", "measure training throughput (TFLOP/s, MFU, energy) beside peers; project large runs"),
 }
 
 
