@@ -35,6 +35,7 @@ class BenchCase:
     seq: int = 2048
     precision: str = "auto"         # auto = bf16 on GPU, fp32 on CPU
     ac_interval: int = 0            # decoder layers per activation-checkpointed block; 0 = off
+    compile: bool = False           # torch.compile each pipeline layer (DeepSpeed PipelineModule.compile)
     peer: bool = True               # run the peers on this case's shape (when --peer)
     note: str = ""
 
@@ -56,7 +57,7 @@ class BenchCase:
         if base is None:
             return self.name
         # Precision has its own column in every report; `peer` does not change the measurement.
-        changed = [f"{key}={getattr(self, field)}" for key, field in SPEC_KEYS.items()
+        changed = [f"{key}={_text(getattr(self, field))}" for key, field in SPEC_KEYS.items()
                    if field not in ("precision", "peer") and getattr(self, field) != getattr(base, field)]
         if self.shape.num_layers != base.shape.num_layers:
             changed.insert(0, f"layers={self.shape.num_layers}")
@@ -138,9 +139,13 @@ NAMED_CASES = {c.name: c for c in [
 
 # `name:key=value` keys and the BenchCase field each sets (layers and dropout change the shape).
 SPEC_KEYS = {"tp": "tensor", "pp": "pipeline", "dp": "data", "mb": "micro_batch", "gas": "grad_accum",
-             "seq": "seq", "precision": "precision", "ac": "ac_interval", "peer": "peer"}
+             "seq": "seq", "precision": "precision", "ac": "ac_interval", "compile": "compile", "peer": "peer"}
 SHAPE_KEYS = {"layers": "num_layers", "dropout": "dropout"}
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _text(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _parse_value(key: str, text: str):
@@ -148,9 +153,9 @@ def _parse_value(key: str, text: str):
         if text not in PRECISIONS:
             raise ConfigError(f"case key precision={text!r}: choose one of {', '.join(PRECISIONS)}")
         return text
-    if key == "peer":
+    if key in ("peer", "compile"):
         if text.lower() not in ("0", "1", "true", "false", "on", "off"):
-            raise ConfigError(f"case key peer={text!r}: use peer=on or peer=off")
+            raise ConfigError(f"case key {key}={text!r}: use {key}=on or {key}=off")
         return text.lower() in ("1", "true", "on")
     try:
         return float(text) if key == "dropout" else int(text)

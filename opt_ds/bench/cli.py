@@ -7,8 +7,8 @@ beside Hugging Face peers, sweep micro-batch × activation checkpointing, and pr
   opt-ds bench --project                          OPT-175B on 992 A100s, assumptions and sensitivity
   torchrun --nproc_per_node 8 -m opt_ds bench 175b-slice   one case under your own launcher
 
-Case keys: tp pp dp mb gas seq precision ac layers dropout peer. Reports go to --out: results.jsonl
-(appended), table.txt, tflops.png, projection.txt, workers.log.
+Case keys: tp pp dp mb gas seq precision ac layers dropout compile peer. Reports go to --out:
+results.jsonl (appended), table.txt, tflops.png, projection-<hardware>.txt, workers.log.
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     case.add_argument("--ac", type=int, metavar="N", help="activation checkpoint interval in layers (0 = off)")
     case.add_argument("--layers", type=int, metavar="N", help="number of decoder layers")
     case.add_argument("--dropout", type=float, metavar="P", help="dropout (cases use 0.0; OPT trained with 0.1)")
+    case.add_argument("--compile", action="store_true", default=None,
+                      help="torch.compile every pipeline layer (peers stay eager)")
     run = parser.add_argument_group("measurement")
     run.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     run.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -108,7 +110,7 @@ def flag_changes(args) -> dict:
             raise ConfigError(f"--layout {args.layout!r}: expected TPxPPxDP, e.g. 2x2x1") from None
         changes.update(tp=tp, pp=pp, dp=dp)
     for flag, key in (("micro_batch", "mb"), ("grad_accum", "gas"), ("seq", "seq"), ("precision", "precision"),
-                      ("ac", "ac"), ("layers", "layers"), ("dropout", "dropout")):
+                      ("ac", "ac"), ("layers", "layers"), ("dropout", "dropout"), ("compile", "compile")):
         if getattr(args, flag) is not None:
             changes[key] = getattr(args, flag)
     return changes
@@ -167,6 +169,8 @@ def run_driver(args) -> int:
     if args.sweep:
         cases = sweep_variants(cases, args.sweep_micro_batch, args.sweep_ac)
     projection_inputs = projection_inputs_from(args) if args.project else None
+    if projection_inputs is not None and args.measure_layer:
+        check_layer_measurable(projection_inputs, cuda)
     options = SuiteOptions(out_dir=args.out, steps=args.steps, warmup=args.warmup, peers=_peer_impls(args),
                            timeout_s=args.timeout, peak_tflops=args.peak_tflops, command=_command_line())
     suite = Suite(options)
@@ -228,7 +232,7 @@ def run_launched(args) -> int:
     case = parse_case(args.cases[0], flag_changes(args)).resolve_precision(torch.cuda.is_available())
     world = int(os.environ["WORLD_SIZE"])
     if case.world_size != world:
-        raise ConfigError(f"case {case.label()} needs {case.world_size} ranks ({case.layout}) but this launch "
+        raise ConfigError(f"case {case.label()} needs {case.world_size} rank(s) ({case.layout}) but this launch "
                           f"has {world}; launch {case.world_size} processes or change the layout")
     case.config()
     raw = measure_case(case, args.steps, args.warmup)
@@ -278,24 +282,28 @@ def projection_inputs_from(args):
     return inputs
 
 
+def check_layer_measurable(inputs, cuda: bool) -> None:
+    from opt_ds.bench.flops import layer_flops_per_token
+
+    work = inputs.micro_batch * inputs.seq * layer_flops_per_token(inputs.shape, inputs.seq)
+    if not cuda and work > 5e11:
+        raise ConfigError(f"measuring a {inputs.model_name} layer on the CPU would take minutes; run "
+                          "--measure-layer on a GPU or pass a measured --layer-ms")
+
+
 def run_projection(args, suite, inputs, cuda: bool) -> None:
     from opt_ds.bench import report
-    from opt_ds.bench.flops import layer_flops_per_token
     from opt_ds.bench.project import ProjectionError, format_projection, project, sensitivity
 
     if args.measure_layer:
         layer_case = BenchCase("layer", inputs.shape, micro_batch=inputs.micro_batch, seq=inputs.seq,
                                precision=args.precision or "auto").resolve_precision(cuda)
-        work = inputs.micro_batch * inputs.seq * layer_flops_per_token(inputs.shape, inputs.seq)
-        if not cuda and work > 5e11:
-            raise ConfigError(f"measuring a {inputs.model_name} layer on the CPU would take minutes; run "
-                              "--measure-layer on a GPU or pass a measured --layer-ms")
         raw = suite.launch("layer", layer_case, extra=["--recompute"] if inputs.recompute else [])
         if "error" in raw:
             raise ConfigError(f"--measure-layer failed ({raw['error']}):\n{raw['log_tail'][-2000:]}")
         inputs = inputs.replace(
             layer_ms=raw["layer_ms"] / inputs.tensor,
-            layer_source=(f"{raw['layer_ms']:.3f} ms for the full-width layer ({raw['layer_tflops']:.1f} TFLOP/s, "
+            layer_source=(f"{raw['layer_ms']:.3f} ms for the full-width layer ({raw['layer_tflops']:.3g} TFLOP/s, "
                           f"{layer_case.precision}) on {raw['device']} ÷ TP {inputs.tensor}: assumes a TP shard "
                           f"runs at the full layer's efficiency"))
     try:
@@ -305,7 +313,7 @@ def run_projection(args, suite, inputs, cuda: bool) -> None:
         raise ConfigError(str(err)) from None
     text = format_projection(base, rows)
     print("\n" + text)
-    report.write_atomic(args.out / "projection.txt", text + "\n")
+    report.write_atomic(args.out / f"projection-{args.project_hardware}.txt", text + "\n")
     record = {"kind": "projection", "run_id": suite.run_id, "command": suite.context["command"],
               "git_commit": suite.context["git_commit"], "layout": {"tensor": inputs.tensor,
               "pipeline": inputs.pipeline, "data": base.data}, "gpus": inputs.gpus, "cluster": inputs.cluster.name,

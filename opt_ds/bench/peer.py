@@ -22,8 +22,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def single_device(case: BenchCase) -> BenchCase:
-    """The case as one device runs it: no TP/PP/DP, one micro-batch per optimizer step."""
-    return with_changes(case, {"tp": 1, "pp": 1, "dp": 1, "gas": 1})
+    """The case as one device runs it: no TP/PP/DP, one micro-batch per optimizer step, eager."""
+    return with_changes(case, {"tp": 1, "pp": 1, "dp": 1, "gas": 1, "compile": False})
 
 
 def build_hf_model(case: BenchCase, device: torch.device):

@@ -280,9 +280,10 @@ def format_projection(proj: Projection, sensitivity_rows: Optional[list] = None)
         extra = f"   MFU {value / inp.cluster.peak_tflops:.1%}" if key == "model" else ""
         out.append(f"  {label:<32} {value:9.1f}{extra}")
     out.append(f"  {'tokens/s per GPU':<32} {proj.tokens_per_s_per_gpu:9.1f}")
-    delta = proj.hardware_tflops / OPT_175B_A100_TFLOPS - 1
-    out.append(f"  vs OPT paper {OPT_175B_A100_TFLOPS:g} TFLOP/s (hardware FLOPs): {delta:+.1%} "
-               f"({'within' if abs(delta) <= 0.15 else 'outside'} ±15 %)")
+    if inp.shape == get_preset("opt-175b").shape:
+        delta = proj.hardware_tflops / OPT_175B_A100_TFLOPS - 1
+        out.append(f"  vs OPT paper {OPT_175B_A100_TFLOPS:g} TFLOP/s (A100, hardware FLOPs): {delta:+.1%} "
+                   f"({'within' if abs(delta) <= 0.15 else 'outside'} ±15 %)")
     if sensitivity_rows:
         out += ["", "Sensitivity (one assumption changed at a time)",
                 f"  {'change':<52} {'hw TFLOP/s':>10} {'model':>7} {'Δ hw':>7}  memory"]

@@ -35,11 +35,15 @@ class SuiteOptions:
     command: str = ""
 
 
-def worker_env(nproc: int) -> dict:
+def worker_env(nproc: int, tensor: int = 1) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env["PYTHONUNBUFFERED"] = "1"
+    if tensor > 1:
+        # megatron's TP layers overlap their gradient all-reduce with the weight-gradient GEMM only when
+        # kernels leave the GPU in issue order; it must be set before CUDA starts, i.e. before the worker.
+        env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return env
 
 
@@ -73,7 +77,7 @@ class Suite:
             cmd = worker_command(job, case, impl, self.opts, result, extra)
             nproc = case.world_size if job == "case" else 1
             started = time.time()
-            output, code = self._run(cmd, worker_env(nproc))
+            output, code = self._run(cmd, worker_env(nproc, case.tensor if job == "case" else 1))
             with open(self.log, "a") as log:
                 log.write(f"\n===== {case.label()} / {impl} ({job}) rc={code} {time.time() - started:.1f}s\n"
                           f"$ {' '.join(cmd)}\n{output}")

@@ -51,6 +51,8 @@ def measure_case(case: BenchCase, steps: int, warmup: int) -> Optional[dict]:
 
     cfg = case.config(world_size=int(os.environ.get("WORLD_SIZE", "1")), steps=steps + warmup)
     engine = build_engine(cfg)
+    if case.compile:
+        engine.module.compile()
     batches = ReplicaBatches(SyntheticTokens(case.shape.vocab_size, case.seq), global_batch=case.global_batch,
                              micro_batch=case.micro_batch, data_parallel_size=cfg.data,
                              data_parallel_rank=parallel_state.get_data_parallel_rank())
