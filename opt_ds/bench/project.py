@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from opt_ds.bench.flops import OPT_175B_A100_TFLOPS, all_conventions
-from opt_ds.models.presets import OPTShape, get_preset
+from opt_ds.models.presets import PRESETS, OPTShape, get_preset
 
 GB = 1e9
 
@@ -220,7 +220,8 @@ def assumptions(inp: ProjectionInputs, proj: Projection) -> list:
              f"{proj.times['layer compute'] * 1e3:.3f} ms from the roofline below")
     rows = [
         ("model", f"{inp.model_name}: l={inp.shape.num_layers}, h={inp.shape.hidden_size}, "
-                  f"F={inp.shape.ffn_hidden_size}, V={inp.shape.vocab_size}, s={inp.seq}", "OPT paper table 1"),
+                  f"F={inp.shape.ffn_hidden_size}, V={inp.shape.vocab_size}, s={inp.seq}",
+         "OPT paper table 1" if inp.shape in (p.shape for p in PRESETS.values()) else "a bench case's shape"),
         ("GPUs", f"{inp.gpus} × {c.name}", "OPT-175B ran on 992 A100-80GB (124 nodes × 8)"),
         ("layout", f"TP={inp.tensor} × PP={inp.pipeline} × DP={proj.data}",
          "TP=8 inside a node as OPT did (NVLink); OPT used FSDP over the other axis, opt_ds uses pipeline "
