@@ -53,12 +53,15 @@ import torch
 cuda = torch.cuda.is_available()
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|",
       f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}" if cuda else "no GPU (rehearsal)")
-for name in ("deepspeed", "megatron.core", "transformers", "matplotlib", "pynvml"):
+for name, without in (("deepspeed", None), ("megatron.core", None), ("transformers", "no peers"),
+                      ("matplotlib", "no chart"), ("pynvml", "no power or energy")):
     try:
         module = importlib.import_module(name)
         print(f"{name:<14} {getattr(module, '__version__', 'ok')}  {module.__file__}")
-    except Exception as err:
-        print(f"{name:<14} MISSING ({err})")
+    except ImportError as err:
+        if without is None:
+            raise
+        print(f"{name:<14} not installed: {without} ({err})")
 import opt_ds.train.engine, opt_ds.bench.worker, opt_ds.bench.peer  # the import chains the workers need
 EOF
 
