@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named case, optionally adjusted (opt-2.7b:mb=2,ac=1); default: tiny on CPU, "
                              "opt-1.3b opt-2.7b on GPU. --list shows them")
     parser.add_argument("--list", action="store_true", help="list the named cases and exit")
+    # The deepspeed launcher appends --local_rank=N to the command; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     case = parser.add_argument_group("case settings (for every case; a CASE's own keys win)")
     case.add_argument("--layout", metavar="TPxPPxDP", help="parallel layout, e.g. 2x2x1")
     case.add_argument("--micro-batch", type=int, metavar="N")
@@ -236,14 +238,17 @@ def run_launched(args) -> int:
                           f"has {world}; launch {case.world_size} processes or change the layout")
     case.config()
     raw = measure_case(case, args.steps, args.warmup)
-    if raw is None:
-        return 0
-    suite = Suite(SuiteOptions(out_dir=args.out, steps=args.steps, warmup=args.warmup,
-                               peak_tflops=args.peak_tflops, command=_command_line()))
-    suite.rows.append(derive(raw, args.peak_tflops))
-    suite.write(suite.rows)
-    print("\n" + suite.text())
-    return 0 if suite.rows[0]["status"] == "ok" else 1
+    status = 0
+    if raw is not None:                 # rank 0
+        suite = Suite(SuiteOptions(out_dir=args.out, steps=args.steps, warmup=args.warmup,
+                                   peak_tflops=args.peak_tflops, command=_command_line()))
+        suite.rows.append(derive(raw, args.peak_tflops))
+        suite.write(suite.rows)
+        print("\n" + suite.text())
+        status = 0 if suite.rows[0]["status"] == "ok" else 1
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return status
 
 
 def _command_line() -> str:

@@ -239,7 +239,7 @@ def assumptions(inp: ProjectionInputs, proj: Projection) -> list:
          "cuBLAS on large 16-bit GEMMs: 776/989 = 0.78 measured on H100 at 8192³ (training-recipe.md); "
          "A100 runs whole GPT steps at up to 72 % of peak (FlashAttention-2 paper), so its GEMMs sit above that"),
         ("attention efficiency", f"{inp.attention_efficiency:.2f} of peak",
-         "flash attention fwd+bwd reaches 50–70 % of A100 peak (FlashAttention-2 paper); counted on full s² FLOPs"),
+         "FlashAttention-2 reaches 50–73 % of A100 peak (its paper; backward lower); counted on full s² FLOPs"),
         ("HBM", f"{c.hbm_tb_s:g} TB/s × {inp.hbm_efficiency:.2f}",
          c.why.get("hbm_tb_s", "") + "; element-wise kernels reach ~80 % of it"),
         ("NVLink all-reduce bus bandwidth", f"{c.nvlink_busbw_gb_s:g} GB/s", c.why.get("nvlink_busbw_gb_s", "")),
