@@ -137,7 +137,10 @@ def sweep_variants(cases: list, micro_batches: str, intervals: str) -> list:
         except ValueError:
             raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 1,2,4") from None
     grid = list(itertools.product(ints(micro_batches, "--sweep-micro-batch"), ints(intervals, "--sweep-ac")))
-    return [with_changes(c, {"mb": mb, "ac": ac, "peer": False}) for c in cases for mb, ac in grid]
+    variants = [with_changes(c, {"mb": mb, "ac": ac, "peer": False}) for c in cases for mb, ac in grid]
+    for variant in variants:
+        variant.config()
+    return variants
 
 
 def _cuda_devices() -> tuple:
