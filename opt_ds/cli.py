@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib.metadata import entry_points
 
+from opt_ds.errors import UserError
+
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
+    "generate": ("opt_ds.train.generate_cli", "sample text from a training checkpoint"),
+    "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
+    "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),
     "bench": ("opt_ds.bench.cli", "measure training throughput (TFLOP/s, MFU, energy) beside peers; project large runs"),
 }
 
@@ -24,8 +30,19 @@ def _commands() -> dict:
     return commands
 
 
+def _strip_local_rank(argv: list) -> list:
+    """DeepSpeed's launcher passes `--local_rank=N` first; the rank is also in the LOCAL_RANK variable."""
+    kept = []
+    for arg in argv:
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     commands = _commands()
     parser = argparse.ArgumentParser(prog="opt-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -38,7 +55,12 @@ def main(argv=None) -> int:
     module = importlib.import_module(commands[name][0])
     command_parser = argparse.ArgumentParser(prog=f"opt-ds {name}", description=module.__doc__)
     module.add_arguments(command_parser)
-    return module.run(command_parser.parse_args(argv[1:]))
+    args = command_parser.parse_args(argv[1:])
+    try:
+        return module.run(args)
+    except UserError as err:
+        print(f"opt-ds {name}: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

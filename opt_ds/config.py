@@ -16,10 +16,12 @@ from typing import Any, Optional
 
 import yaml
 
+from opt_ds.errors import UserError
+
 from opt_ds.models.presets import OPTShape, get_preset
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says what is wrong and how to fix it."""
 
 
@@ -100,10 +102,11 @@ class BlendEntry:
 
 @dataclass
 class DataConfig:
-    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic random tokens
+    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic tokens (see below)
+    synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None
-    tokenizer_dir: Optional[str] = None         # vocab.json + merges.txt used to decode samples
+    tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
 
 
 @dataclass
@@ -121,6 +124,15 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    prompt: Optional[str] = None                # text continued at the end of training (needs a tokenizer)
+    max_new_tokens: int = 48
+    top_p: float = 0.9                          # 0 = greedy
+    temperature: float = 0.8
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -129,6 +141,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     deepspeed: Optional[str] = None             # a DeepSpeed JSON to check against this config
 
     def to_dict(self) -> dict:
@@ -227,6 +240,8 @@ def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "R
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, parallel:, ...)")
+        if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():
+            raw["deepspeed"] = str(path.parent / raw["deepspeed"])    # relative to the YAML file
     raw = apply_overrides(raw, overrides)
     return resolve(build_dataclass(RunConfig, raw), world_size)
 
@@ -249,7 +264,8 @@ class ResolvedConfig:
         return ParallelLayout(self.tensor, self.pipeline, self.data)
 
     def deepspeed_config(self) -> dict:
-        return deepspeed_config(self)
+        generated = deepspeed_config(self)
+        return merge_deepspeed_json(generated, self.run.deepspeed) if self.run.deepspeed else generated
 
 
 def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
@@ -302,13 +318,14 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
                           f"{shape.max_position_embeddings}")
     if run.precision.dtype not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"precision.dtype {run.precision.dtype!r}: choose fp32, bf16 or fp16")
+    if run.data.synthetic not in ("random", "arithmetic"):
+        raise ConfigError(f"data.synthetic {run.data.synthetic!r}: choose random or arithmetic")
     if run.optimizer.schedule not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optimizer.schedule {run.optimizer.schedule!r}: choose linear, cosine or constant")
     if len(run.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas must be two numbers, got {run.optimizer.betas}")
     resolved = ResolvedConfig(run, shape, tp, pp, dp, gas)
-    if run.deepspeed:
-        check_deepspeed_json(resolved, run.deepspeed)
+    resolved.deepspeed_config()         # a disagreeing DeepSpeed JSON fails now, not at engine start
     return resolved
 
 
@@ -354,39 +371,44 @@ def deepspeed_config(cfg: ResolvedConfig) -> dict:
     return ds
 
 
-# Keys a user-supplied DeepSpeed JSON may not contradict, with where the typed config sets them.
-_CHECKED_KEYS = {
-    ("train_batch_size",): "batch.global_batch_size",
-    ("train_micro_batch_size_per_gpu",): "batch.micro_batch_size",
-    ("gradient_accumulation_steps",): "batch.gradient_accumulation_steps",
-    ("gradient_clipping",): "optimizer.clip_grad",
-    ("zero_optimization", "stage"): "parallel.zero_stage",
-    ("fp16", "enabled"): "precision.dtype",
-    ("bf16", "enabled"): "precision.dtype",
+# Where the typed config sets each DeepSpeed key, for error messages.
+_SOURCE_OF = {
+    "train_batch_size": "batch.global_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
+    "gradient_accumulation_steps": "batch.gradient_accumulation_steps",
+    "gradient_clipping": "optimizer.clip_grad",
+    "zero_optimization.stage": "parallel.zero_stage",
+    "fp16.enabled": "precision.dtype", "bf16.enabled": "precision.dtype",
+    "pipeline.activation_checkpoint_interval": "parallel.activation_checkpoint_interval",
 }
 
 
-def check_deepspeed_json(cfg: ResolvedConfig, path: str) -> None:
-    """A hand-written DeepSpeed JSON must agree with the typed config on every shared fact."""
+def _merge(ours: dict, given: dict, prefix: str, problems: list) -> dict:
+    merged = dict(ours)
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        if key not in ours:
+            merged[key] = value
+        elif isinstance(ours[key], dict) and isinstance(value, dict):
+            merged[key] = _merge(ours[key], value, f"{dotted}.", problems)
+        elif ours[key] != value:
+            problems.append(f"{dotted}={value!r} but the config gives {ours[key]!r} "
+                            f"({_SOURCE_OF.get(dotted, 'generated by opt_ds')})")
+    return merged
+
+
+def merge_deepspeed_json(generated: dict, path: str) -> dict:
+    """Merge a hand-written DeepSpeed JSON into the generated one. Keys the typed config sets must agree;
+    keys it does not know (e.g. comms_logger) are taken from the JSON."""
     try:
         given = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"deepspeed: {path!r} does not exist; remove the key to use the generated JSON") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed: {path!r} is not valid JSON ({err})") from None
-    ours = deepspeed_config(cfg)
     problems = []
-    for keys, where in _CHECKED_KEYS.items():
-        theirs = given
-        for k in keys:
-            theirs = theirs.get(k) if isinstance(theirs, dict) else None
-        if theirs is None:
-            continue
-        mine = ours
-        for k in keys:
-            mine = mine[k]
-        if theirs != mine:
-            problems.append(f"{'.'.join(keys)}={theirs!r} but the config gives {mine!r} ({where})")
+    merged = _merge(generated, given, "", problems)
     if problems:
         raise ConfigError(f"deepspeed JSON {path} disagrees with the config: " + "; ".join(problems)
                           + ". Change one of them so they agree, or drop the JSON and use the generated one")
+    return merged

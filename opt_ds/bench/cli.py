@@ -31,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="named case, optionally adjusted (opt-2.7b:mb=2,ac=1); default: tiny on CPU, "
                              "opt-1.3b opt-2.7b on GPU. --list shows them")
     parser.add_argument("--list", action="store_true", help="list the named cases and exit")
-    # The deepspeed launcher appends --local_rank=N to the command; the rank comes from the environment.
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     case = parser.add_argument_group("case settings (for every case; a CASE's own keys win)")
     case.add_argument("--layout", metavar="TPxPPxDP", help="parallel layout, e.g. 2x2x1")
     case.add_argument("--micro-batch", type=int, metavar="N")
@@ -81,16 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Bad input raises ConfigError (a UserError): opt_ds.cli prints it as one line and exits with 2."""
     if args.list:
         print(list_cases())
         return 0
-    try:
-        if _launched():
-            return run_launched(args)
-        return run_driver(args)
-    except ConfigError as err:
-        print(f"opt-ds bench: error: {err}", file=sys.stderr)
-        return 2
+    if _launched():
+        return run_launched(args)
+    return run_driver(args)
 
 
 # --- cases ---------------------------------------------------------------------------------------------
@@ -301,7 +296,7 @@ def check_layer_measurable(inputs, cuda: bool) -> None:
 
 def run_projection(args, suite, inputs, cuda: bool) -> None:
     from opt_ds.bench import report
-    from opt_ds.bench.project import ProjectionError, format_projection, project, sensitivity
+    from opt_ds.bench.project import format_projection, project, sensitivity
 
     if args.measure_layer:
         layer_case = BenchCase("layer", inputs.shape, micro_batch=inputs.micro_batch, seq=inputs.seq,
@@ -314,11 +309,7 @@ def run_projection(args, suite, inputs, cuda: bool) -> None:
             layer_source=(f"{raw['layer_ms']:.3f} ms for the full-width layer ({raw['layer_tflops']:.3g} TFLOP/s, "
                           f"{layer_case.precision}) on {raw['device']} ÷ TP {inputs.tensor}: assumes a TP shard "
                           f"runs at the full layer's efficiency"))
-    try:
-        base = project(inputs)
-        rows = sensitivity(inputs)
-    except ProjectionError as err:
-        raise ConfigError(str(err)) from None
+    base, rows = project(inputs), sensitivity(inputs)
     text = format_projection(base, rows)
     print("\n" + text)
     report.write_atomic(args.out / f"projection-{args.project_hardware}.txt", text + "\n")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from opt_ds.bench.flops import OPT_175B_A100_TFLOPS, all_conventions
+from opt_ds.errors import UserError
 from opt_ds.models.presets import PRESETS, OPTShape, get_preset
 
 GB = 1e9
@@ -111,7 +112,7 @@ class Projection:
         return self.tflops["model"][1]
 
 
-class ProjectionError(ValueError):
+class ProjectionError(UserError, ValueError):
     """A layout that cannot be projected; the message says why and what to change."""
 
 

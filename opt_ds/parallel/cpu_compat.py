@@ -4,7 +4,9 @@ Everything CPU-specific lives here and every function is a no-op when CUDA is pr
   * megatron-core allocates communication buffers on `torch.cuda.current_device()`: point it at the CPU;
   * megatron-core's model-parallel RNG tracker saves and restores the CUDA generator: swap in a tracker
     that forks the CPU generator instead;
-  * DeepSpeed JIT-compiles a shared-memory comm op (~50 s on 2 cores) that gloo never uses: skip it.
+  * DeepSpeed JIT-compiles a shared-memory comm op (~50 s on 2 cores) that gloo never uses: skip it;
+  * DeepSpeed's CPU accelerator refuses fp16 unless the CPU has native fp16 kernels, although torch
+    computes fp16 on any CPU (slowly): allow it, so the fp16 loss-scaling path runs in CPU tests too.
 """
 from __future__ import annotations
 
@@ -77,4 +79,7 @@ def apply_cpu_adaptations() -> None:
 
     # `import deepspeed.comm.torch as m` resolves to the function deepspeed.comm.torch, not the module.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    from deepspeed.accelerator import get_accelerator
+    type(get_accelerator()).is_fp16_supported = lambda self: True
     _applied = True

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from opt_ds.errors import UserError
 from opt_ds.parallel.cpu_compat import apply_cpu_adaptations, running_on_cpu
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that cannot work; the message names the problem and the fix."""
 
 
@@ -32,24 +33,11 @@ class ParallelLayout:
     def __str__(self) -> str:
         return f"TP={self.tensor} x PP={self.pipeline} x DP={self.data}"
 
-    @classmethod
-    def for_world(cls, world_size: int, tensor: int, pipeline: int) -> "ParallelLayout":
-        """The layout that fills `world_size` processes: DP is what TP x PP leaves."""
-        if tensor < 1 or pipeline < 1:
-            raise LayoutError(f"parallel degrees must be >= 1 (tensor={tensor}, pipeline={pipeline})")
-        if world_size % (tensor * pipeline):
-            raise LayoutError(
-                f"world size {world_size} is not a multiple of TP x PP = {tensor} x {pipeline}; "
-                f"launch a multiple of {tensor * pipeline} processes or change parallel.tensor/pipeline")
-        return cls(tensor, pipeline, world_size // (tensor * pipeline))
-
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.world_size:
             raise LayoutError(
                 f"world size {world_size} != TP x PP x DP = {self.tensor} x {self.pipeline} x {self.data} "
-                f"= {self.world_size}; launch {self.world_size} processes or set parallel.data to "
-                f"{world_size // (self.tensor * self.pipeline) if world_size % (self.tensor * self.pipeline) == 0 else 'a divisor'}"
-                " (or 'auto')")
+                f"= {self.world_size}; launch {self.world_size} processes or set parallel.data=auto")
 
     # --- process groups -------------------------------------------------------------------------
 

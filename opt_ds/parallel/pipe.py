@@ -84,3 +84,23 @@ def build_pipeline(shape: OPTShape, layout, *, seed: int = 1234, activation_chec
         activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=["OPTDecoderLayer"],
     )
+
+
+def count_parameters(shape: OPTShape) -> int:
+    """Parameters of the full model, counted by building each distinct layer on the meta device (nothing is
+    allocated, so opt-175b is counted in milliseconds). Needs megatron's parallel_state at TP=1."""
+    from opt_ds.parallel.layout import ParallelLayout
+    mp_config = ParallelLayout().megatron_config()
+    mp_config.perform_initialization = False
+    mp_config.use_cpu_initialization = True
+    counted_keys, cache, total = set(), {}, 0
+    for spec in layer_specs(shape, mp_config):
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key in counted_keys:
+                continue
+            counted_keys.add(spec.key)
+        if spec.typename not in cache:
+            with torch.device("meta"):
+                cache[spec.typename] = sum(p.numel() for p in spec.build().parameters())
+        total += cache[spec.typename]
+    return total

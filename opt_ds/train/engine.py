@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -35,8 +36,42 @@ def make_scheduler(optimizer, cfg: ResolvedConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def build_engine(cfg: ResolvedConfig):
-    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine."""
+def global_grad_norm(engine) -> torch.Tensor:
+    """The 2-norm of all gradients of the model, each parameter counted once.
+
+    TP-split parameters count on every TP rank, replicated ones on TP rank 0 only, and the tied
+    embedding's second copy (DeepSpeed marks it `ds_pipe_replicated`) not at all; the squares are summed
+    over the stages and TP ranks of one replica (DP replicas hold the same reduced gradients).
+    """
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    grid = engine.grid
+    first_tp_rank = grid.get_slice_parallel_rank() == 0
+    squares = torch.zeros((), dtype=torch.float32, device=engine.device)
+    for param in engine.module.parameters():
+        if param.grad is None or getattr(param, "ds_pipe_replicated", False):
+            continue
+        if is_model_parallel_parameter(param) or first_tp_rank:
+            squares += param.grad.detach().float().pow(2).sum()
+    torch.distributed.all_reduce(squares, group=grid.get_model_parallel_group())
+    return squares.sqrt()
+
+
+def _clip_fp32_gradients(engine) -> None:
+    """Replaces DeepSpeed's ZeRO-0 fp32 clipping, which under pipeline parallelism drops the replicated
+    parameters of every stage but the first and counts the tied embedding twice (deepspeed 0.19.8
+    runtime/utils.clip_grad_norm_); ZeRO-1 has its own, correct, norm."""
+    norm = global_grad_norm(engine)
+    coefficient = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+    for param in engine.module.parameters():
+        if param.grad is not None:
+            param.grad.mul_(coefficient)
+    engine._global_grad_norm = norm.item()
+
+
+def build_engine(cfg: ResolvedConfig, for_training: bool = True):
+    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine.
+
+    For inference (`for_training=False`) no optimizer or ZeRO state is allocated."""
     import deepspeed
 
     layout = cfg.layout
@@ -45,10 +80,15 @@ def build_engine(cfg: ResolvedConfig):
     module = build_pipeline(cfg.shape, layout, seed=run.train.seed,
                             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
                             partition_method=run.parallel.partition_method)
+    if not for_training:
+        config = {**cfg.deepspeed_config(), "zero_optimization": {"stage": 0}}
+        return deepspeed.initialize(model=module, config=config)[0]
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=make_optimizer(module, cfg),
         lr_scheduler=lambda optimizer: make_scheduler(optimizer, cfg),
         config=cfg.deepspeed_config(),
     )
+    if run.parallel.zero_stage == 0:
+        engine.clip_fp32_gradients = types.MethodType(_clip_fp32_gradients, engine)
     return engine

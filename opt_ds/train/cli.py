@@ -1,0 +1,31 @@
+"""Train an OPT model: `opt-ds train CONFIG.yaml [section.key=value ...]`.
+
+Runs the same way as a single process, under torchrun, and under `deepspeed --hostfile/--num_gpus`:
+the world size comes from the launcher and must equal TP x PP x DP of the config.
+"""
+from __future__ import annotations
+
+import os
+
+from opt_ds.config import load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML run config, e.g. ds_configs/demo.yaml ('-': none, defaults plus overrides)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and the generated DeepSpeed JSON, then exit")
+
+
+def run(args) -> int:
+    import json
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(None if args.config == "-" else args.config, args.overrides, world_size=world_size)
+    if args.print_config:
+        print(json.dumps({"config": cfg.run.to_dict(), "layout": str(cfg.layout),
+                          "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                          "deepspeed": cfg.deepspeed_config()}, indent=2))
+        return 0
+    from opt_ds.train.loop import Trainer
+    Trainer(cfg).train()
+    return 0

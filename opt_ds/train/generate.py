@@ -1,0 +1,72 @@
+"""Sample text from a pipeline-parallel model, at the layout it was trained with.
+
+Each new token is one forward pass of a fixed-shape [micro_batch, seq_length] batch through the pipeline
+(the prompt left-aligned and padded, causal attention makes the padding irrelevant); the last stage
+gathers the vocabulary-parallel logits, picks the token (greedy or nucleus sampling with a seeded
+generator, so every TP rank picks the same one) and broadcasts it to every rank.
+No KV cache: this is for looking at what a model learned, not for serving.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from opt_ds.models.presets import EOS_ID, PAD_ID
+
+
+def pick_token(logits: torch.Tensor, *, top_p: float, temperature: float, generator) -> int:
+    """Greedy when top_p <= 0, else nucleus sampling over the smallest set of tokens with mass >= top_p."""
+    if top_p <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(0) - sorted_probs < top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def _last_stage_source(engine) -> int:
+    """Global rank of the last stage's first TP rank in data-parallel replica 0."""
+    topo = engine.module.topology()
+    return topo.get_rank(pipe=engine.num_stages - 1, data=0, model=0)
+
+
+def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, micro_batch: int,
+             top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list:
+    """Collective over all ranks; returns prompt + generated ids on every rank."""
+    tokens = list(prompt_ids)
+    if not tokens or len(tokens) >= seq_length:
+        raise ValueError(f"prompt must hold 1..{seq_length - 1} tokens, got {len(tokens)}")
+    generator = torch.Generator().manual_seed(seed)
+    source = _last_stage_source(engine)
+    device = engine.device
+    for _ in range(max_new_tokens):
+        if len(tokens) >= seq_length:
+            break
+        batch = torch.full((micro_batch, seq_length), PAD_ID, dtype=torch.long)
+        batch[:, :len(tokens)] = torch.tensor(tokens)
+        dummy_labels = (torch.zeros_like(batch), torch.zeros(batch.shape))
+        engine.total_loss = None    # eval_batch adds outputs onto the last training step's loss otherwise
+        _, logits = engine.eval_batch(iter([(batch, dummy_labels)]), return_logits=True, compute_loss=False,
+                                      reduce_output=None, bcast_loss=False, num_micro_batches=1)
+        choice = torch.zeros(1, dtype=torch.long, device=device)
+        if engine.is_last_stage():
+            full = gather_from_tensor_model_parallel_region(logits[0, len(tokens) - 1].float().contiguous())
+            choice[0] = pick_token(full.cpu(), top_p=top_p, temperature=temperature, generator=generator)
+        dist.broadcast(choice, src=source)
+        token = int(choice.item())
+        tokens.append(token)
+        if stop_at_eos and token == EOS_ID:
+            break
+    return tokens
+
+
+def sample_text(engine, tokenizer, prompt: str, *, seq_length: int, micro_batch: int, max_new_tokens: int,
+                top_p: float, temperature: float, seed: int) -> str:
+    """Continue `prompt` (OPT prepends </s> as BOS) and return the decoded continuation."""
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)[-(seq_length - 1):]
+    ids = generate(engine, prompt_ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
+                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed)
+    return tokenizer.decode(ids[len(prompt_ids):])

@@ -1,0 +1,185 @@
+"""The training loop: DeepSpeed pipeline engine + data + metrics + periodic validation and checkpoints."""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from opt_ds.config import ResolvedConfig
+from opt_ds.models import flops
+from opt_ds.models.presets import analytic_parameter_count
+from opt_ds.train import checkpoint
+from opt_ds.train.batches import ReplicaBatches
+from opt_ds.train.engine import build_engine
+from opt_ds.train.metrics import MetricsLogger
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must carry besides DeepSpeed's own state for the resume to be exact."""
+    step: int = 0
+    micro_offset: int = 0           # forward passes so far: DeepSpeed derives dropout seeds from it
+
+    def client_state(self, cfg: ResolvedConfig) -> dict:
+        return {"opt_ds": {"step": self.step, "micro_offset": self.micro_offset,
+                           "config": cfg.run.to_dict(),
+                           "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
+
+    @classmethod
+    def from_client_state(cls, client_state: dict) -> "RunState":
+        saved = client_state.get("opt_ds")
+        if saved is None:
+            raise checkpoint.CheckpointError("the checkpoint has no opt_ds run state (step, data position); "
+                                             "it was not written by `opt-ds train`")
+        return cls(step=saved["step"], micro_offset=saved["micro_offset"])
+
+
+def build_datasets(cfg: ResolvedConfig):
+    """(train, valid) datasets: the blended indexed corpora of `data.train`, or synthetic tokens."""
+    run = cfg.run
+    seq = run.batch.seq_length
+    if not run.data.train:
+        from opt_ds.data.synthetic import SyntheticTokens
+        return (SyntheticTokens(cfg.shape.vocab_size, seq, seed=run.train.seed, kind=run.data.synthetic),
+                SyntheticTokens(cfg.shape.vocab_size, seq, seed=run.train.seed + 1, kind=run.data.synthetic))
+    from opt_ds.data.datasets import build_datasets as build_indexed
+    steps = run.train.steps
+    valid_samples = max(1, (steps // max(1, run.train.eval_interval) + 2) * run.train.eval_iters) \
+        * run.batch.global_batch_size
+    return build_indexed(blend=[(entry.path, entry.weight) for entry in run.data.train], split=run.data.split,
+                         seq_length=seq, seed=run.train.seed, num_train_samples=steps * run.batch.global_batch_size,
+                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20     # KiB on Linux
+
+
+class Trainer:
+    def __init__(self, cfg: ResolvedConfig):
+        self.cfg = cfg
+        run = cfg.run
+        self.engine = build_engine(cfg)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.state = RunState()
+        self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
+        self.train_data, self.valid_data = build_datasets(cfg)
+        self._resume_if_possible()
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def batches(self, dataset, start_step: int) -> ReplicaBatches:
+        batch = self.cfg.run.batch
+        return ReplicaBatches(dataset, global_batch=batch.global_batch_size, micro_batch=batch.micro_batch_size,
+                              data_parallel_size=self.cfg.data,
+                              data_parallel_rank=self.engine.grid.data_parallel_id, start_step=start_step)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def _resume_if_possible(self) -> None:
+        train = self.cfg.run.train
+        load_dir = train.load_dir or train.save_dir
+        if load_dir is None or checkpoint.latest_tag(load_dir) is None:
+            if train.load_dir is not None:
+                raise checkpoint.CheckpointError(
+                    f"train.load_dir={train.load_dir} holds no checkpoint ('latest' is missing); fix the path "
+                    "or drop train.load_dir to start from scratch")
+            return
+        client_state = checkpoint.load(self.engine, load_dir)
+        self.state = RunState.from_client_state(client_state)
+        self.engine.module.micro_offset = self.state.micro_offset
+        self.metrics.log("resume", self.state.step, checkpoint=str(load_dir))
+
+    def save(self) -> None:
+        self.state.micro_offset = self.engine.module.micro_offset
+        path = checkpoint.save(self.engine, self.cfg.run.train.save_dir, self.state.step,
+                               self.state.client_state(self.cfg))
+        self.metrics.log("checkpoint", self.state.step, path=str(path))
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def train_step(self, batches) -> dict:
+        lr = self.engine.get_lr()[0]
+        started = time.perf_counter()
+        loss = self.engine.train_batch(batches).item()
+        seconds = time.perf_counter() - started
+        self.state.step += 1
+        return self.step_metrics(loss, lr, seconds)
+
+    def step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
+        run, shape = self.cfg.run, self.cfg.shape
+        batch, seq = run.batch.global_batch_size, run.batch.seq_length
+        recompute = run.parallel.activation_checkpoint_interval > 0
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_seconds": seconds,
+            "tokens_per_second": batch * seq / seconds,
+            "model_tflops_per_gpu": flops.model_flops(shape, batch, seq) / seconds / self.world_size / 1e12,
+            "hardware_tflops_per_gpu":
+                flops.hardware_flops(shape, batch, seq, recompute) / seconds / self.world_size / 1e12,
+            "peak_memory_gib": peak_memory_gib(),
+        }
+        loss_scale = getattr(self.engine.optimizer, "cur_scale", None) if run.precision.dtype == "fp16" else None
+        if loss_scale is not None:
+            record["loss_scale"] = float(loss_scale)
+        record["skipped_steps"] = int(self.engine.skipped_steps)
+        return record
+
+    def evaluate(self) -> dict:
+        iters = self.cfg.run.train.eval_iters
+        batches = self.batches(self.valid_data, 0)
+        losses = [self.engine.eval_batch(batches).item() for _ in range(iters)]
+        loss = sum(losses) / len(losses)
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        self.metrics.log("eval", self.state.step, **result)
+        return result
+
+    def sample(self) -> str:
+        from opt_ds.data.tokenizer import BPETokenizer
+        from opt_ds.train.generate import sample_text
+        run = self.cfg.run
+        sample = run.sample
+        text = sample_text(self.engine, BPETokenizer.load(run.data.tokenizer or "opt"), sample.prompt,
+                           seq_length=run.batch.seq_length, micro_batch=run.batch.micro_batch_size,
+                           max_new_tokens=sample.max_new_tokens, top_p=sample.top_p,
+                           temperature=sample.temperature, seed=sample.seed)
+        self.metrics.log("sample", self.state.step, prompt=sample.prompt, text=text)
+        return text
+
+    def train(self) -> dict:
+        train = self.cfg.run.train
+        self.metrics.log("start", self.state.step, layout=str(self.cfg.layout),
+                         flops_formula=flops.MODEL_FLOPS_FORMULA,
+                         parameters=analytic_parameter_count(self.cfg.shape), config=self.cfg.run.to_dict())
+        if train.eval_interval and self.state.step == 0:
+            self.evaluate()
+        batches = self.batches(self.train_data, self.state.step)
+        last = {}
+        while self.state.step < train.steps:
+            last = self.train_step(batches)
+            step = self.state.step
+            if step % train.log_interval == 0 or step == train.steps:
+                self.metrics.log("train", step, **last)
+            if train.eval_interval and step % train.eval_interval == 0 and step != train.steps:
+                self.evaluate()
+            if train.save_dir and train.save_interval and step % train.save_interval == 0 and step != train.steps:
+                self.save()
+        if train.eval_interval:
+            last["eval"] = self.evaluate()
+        if train.save_dir:
+            self.save()
+        if self.cfg.run.sample.prompt:
+            self.sample()
+        self.metrics.log("end", self.state.step)
+        self.metrics.close()
+        return last

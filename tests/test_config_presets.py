@@ -1,0 +1,45 @@
+"""The shipped presets: every OPT size resolves at its intended world size, follows the paper's recipe,
+and agrees with the DeepSpeed JSON shipped beside it."""
+import json
+from pathlib import Path
+
+import pytest
+
+from opt_ds.config import load_config
+from opt_ds.models.presets import PRESETS
+
+CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def intended_world_size(name):
+    raw = load_config(CONFIGS / f"{name}.yaml").run.parallel
+    return raw.tensor * raw.pipeline * raw.data
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_follows_the_paper(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", world_size=intended_world_size(name))
+    preset = PRESETS[name]
+    assert cfg.shape == preset.shape
+    assert cfg.run.optimizer.lr == pytest.approx(preset.peak_lr)
+    assert cfg.run.optimizer.betas == [0.9, 0.95] and cfg.run.optimizer.weight_decay == 0.1
+    assert cfg.tensor == preset.opt_tensor_parallel
+    tokens = cfg.run.batch.global_batch_size * cfg.run.batch.seq_length
+    assert tokens == pytest.approx(preset.global_batch_tokens, rel=0.04)
+    assert cfg.layout.world_size <= 992
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_shipped_deepspeed_json_is_the_generated_one(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", world_size=intended_world_size(name))
+    shipped = json.loads((CONFIGS / "deepspeed" / f"{name}.json").read_text())
+    assert shipped == cfg.deepspeed_config()
+
+
+def test_editing_the_yaml_without_the_json_fails(tmp_path):
+    text = (CONFIGS / "opt-125m.yaml").read_text().replace("micro_batch_size: 2", "micro_batch_size: 1")
+    text = text.replace("deepspeed: deepspeed/", f"deepspeed: {CONFIGS}/deepspeed/")
+    edited = tmp_path / "opt-125m.yaml"
+    edited.write_text(text)
+    with pytest.raises(Exception, match="train_micro_batch_size_per_gpu=2 but the config gives 1"):
+        load_config(edited, world_size=256)
