@@ -20,6 +20,7 @@ BUILTIN_COMMANDS = {
     "summary": ("opt_ds.train.summary", "summarise a run's metrics.jsonl (validation loss, speed, sample)"),
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
     "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),
+    "bench": ("opt_ds.bench.cli", "measure training throughput (TFLOP/s, MFU, energy) beside peers; project large runs"),
 }
 
 
