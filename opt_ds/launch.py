@@ -98,4 +98,5 @@ def run(args) -> int:
         return 0
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")      # the runner leaves it unset: 8 ranks on 2 cores ran 10x slower
+    env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     return subprocess.call(cmd, env=env)

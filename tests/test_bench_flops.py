@@ -1,7 +1,7 @@
 """FLOPs conventions against hand-computed values (anchors.md §6.4, training-recipe.md)."""
 import pytest
 
-from opt_ds.bench.flops import (OPT_175B_A100_TFLOPS, all_conventions, hardware_flops, matmul_parameters,
+from opt_ds.models.flops import (OPT_175B_A100_TFLOPS, all_conventions, hardware_flops, matmul_parameters,
                                 model_flops, sixn_attention_flops)
 from opt_ds.models.presets import PRESETS, get_preset
 

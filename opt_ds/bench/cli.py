@@ -286,7 +286,7 @@ def projection_inputs_from(args):
 
 
 def check_layer_measurable(inputs, cuda: bool) -> None:
-    from opt_ds.bench.flops import layer_flops_per_token
+    from opt_ds.models.flops import layer_flops_per_token
 
     work = inputs.micro_batch * inputs.seq * layer_flops_per_token(inputs.shape, inputs.seq)
     if not cuda and work > 5e11:

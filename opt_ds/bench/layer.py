@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from opt_ds.bench.cases import BenchCase
-from opt_ds.bench.flops import layer_flops_per_token
+from opt_ds.models.flops import layer_flops_per_token
 from opt_ds.bench.provenance import device_name
 from opt_ds.bench.timing import median, time_steps
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from opt_ds.bench.cases import BenchCase
-from opt_ds.bench.flops import all_conventions
+from opt_ds.models.flops import all_conventions
 from opt_ds.bench.peaks import peak_for
 from opt_ds.bench.telemetry import CARBON_FORMULA, carbon_kg
 from opt_ds.bench.timing import median

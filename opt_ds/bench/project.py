@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from opt_ds.bench.flops import OPT_175B_A100_TFLOPS, all_conventions
+from opt_ds.models.flops import OPT_175B_A100_TFLOPS, all_conventions
 from opt_ds.errors import UserError
 from opt_ds.models.presets import PRESETS, OPTShape, get_preset
 

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
-from opt_ds.bench.flops import OPT_175B_A100_TFLOPS
+from opt_ds.models.flops import OPT_175B_A100_TFLOPS
 from opt_ds.bench.metrics import peer_key
 
 REFERENCE_LABEL = "OPT-175B, 992×A100 (paper): 147"

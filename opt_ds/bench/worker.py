@@ -21,24 +21,7 @@ from opt_ds.bench.cases import BenchCase
 from opt_ds.bench.provenance import device_name
 from opt_ds.bench.telemetry import combine_gpu_windows
 from opt_ds.bench.timing import slowest_rank_per_step, time_steps
-
-
-def recomputed_decoder_layers(pipeline_module) -> int:
-    """Decoder layers of this stage whose forward DeepSpeed re-runs in backward.
-
-    DeepSpeed checkpoints the stage's layer list in blocks of `activation_checkpoint_interval` and skips
-    blocks that hold a non-checkpointable layer (the embedding, the head); its own per-block decision
-    (`is_checkpointable_results`) is read here rather than re-derived.
-    """
-    from opt_ds.models.opt import OPTDecoderLayer
-
-    interval = pipeline_module.activation_checkpoint_interval
-    if interval == 0:
-        return 0
-    funcs = pipeline_module.forward_funcs
-    starts = range(0, len(funcs), interval)
-    return sum(sum(isinstance(f, OPTDecoderLayer) for f in funcs[start:start + interval])
-               for start, checkpointed in zip(starts, pipeline_module.is_checkpointable_results) if checkpointed)
+from opt_ds.parallel.pipe import recomputed_decoder_layers
 
 
 def measure_case(case: BenchCase, steps: int, warmup: int) -> Optional[dict]:

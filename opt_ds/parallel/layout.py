@@ -47,12 +47,14 @@ class ParallelLayout:
 
     def initialize(self, timeout_minutes: int = 30) -> None:
         """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron's parallel_state."""
+        # Read when the CUDA context is created, so before any CUDA call: megatron's TP layers overlap their
+        # gradient all-reduce with the weight-gradient GEMM and rely on launches staying in order.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         apply_cpu_adaptations()
         _default_single_process_env()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not running_on_cpu():
             torch.cuda.set_device(local_rank)
-            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         import deepspeed
         from datetime import timedelta
         if not torch.distributed.is_initialized():

@@ -13,6 +13,7 @@ from opt_ds.config import ResolvedConfig
 from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
 from opt_ds.train import checkpoint
+from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
 from opt_ds.train.engine import build_engine
 from opt_ds.train.metrics import MetricsLogger
@@ -84,6 +85,7 @@ class Trainer:
         self.state = RunState()
         self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
         self.train_data, self.valid_data = build_datasets(cfg)
+        self.recomputed_layers = self._recomputed_layers()
         self._resume_if_possible()
 
     # --- data ------------------------------------------------------------------------------------
@@ -118,6 +120,12 @@ class Trainer:
 
     # --- steps -----------------------------------------------------------------------------------
 
+    def _recomputed_layers(self) -> int:
+        """Decoder layers, over all stages, whose forward DeepSpeed re-runs in the backward pass."""
+        count = torch.tensor(recomputed_decoder_layers(self.engine.module), dtype=torch.long)
+        dist.all_reduce(count, group=self.engine.grid.get_pipe_parallel_group())
+        return int(count)
+
     def train_step(self, batches) -> dict:
         lr = self.engine.get_lr()[0]
         started = time.perf_counter()
@@ -129,7 +137,6 @@ class Trainer:
     def step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
         run, shape = self.cfg.run, self.cfg.shape
         batch, seq = run.batch.global_batch_size, run.batch.seq_length
-        recompute = run.parallel.activation_checkpoint_interval > 0
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "loss": loss,
@@ -137,9 +144,9 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_seconds": seconds,
             "tokens_per_second": batch * seq / seconds,
-            "model_tflops_per_gpu": flops.model_flops(shape, batch, seq) / seconds / self.world_size / 1e12,
-            "hardware_tflops_per_gpu":
-                flops.hardware_flops(shape, batch, seq, recompute) / seconds / self.world_size / 1e12,
+            "model_tflops_per_gpu": flops.model_flops(shape, batch, seq).flops / seconds / self.world_size / 1e12,
+            "hardware_tflops_per_gpu": flops.hardware_flops(shape, batch, seq, self.recomputed_layers).flops
+            / seconds / self.world_size / 1e12,
             "peak_memory_gib": peak_memory_gib(),
         }
         loss_scale = getattr(self.engine.optimizer, "cur_scale", None) if run.precision.dtype == "fp16" else None
@@ -171,7 +178,9 @@ class Trainer:
     def train(self) -> dict:
         train = self.cfg.run.train
         self.metrics.log("start", self.state.step, layout=str(self.cfg.layout),
-                         flops_formula=flops.MODEL_FLOPS_FORMULA,
+                         flops_formulas={"model_tflops_per_gpu": flops.MODEL_FORMULA,
+                                         "hardware_tflops_per_gpu": flops.HARDWARE_FORMULA},
+                         recomputed_layers=self.recomputed_layers,
                          parameters=analytic_parameter_count(self.cfg.shape), config=self.cfg.run.to_dict())
         if train.eval_interval and self.state.step == 0:
             self.evaluate()
