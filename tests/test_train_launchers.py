@@ -1,5 +1,8 @@
 """`opt-ds train` runs the same way in one process, under torchrun and under DeepSpeed's launcher with a
 hostfile; a bad hostfile is refused before anything starts."""
+import shutil
+import subprocess
+
 import pytest
 
 from conftest import TINY_MODEL
@@ -27,12 +30,20 @@ def test_single_process_without_launcher_writes_jsonl_and_tensorboard(single_pro
     assert events and events[0].stat().st_size > 0
 
 
+def localhost_ssh_works() -> bool:
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "localhost", "true"],
+                          capture_output=True).returncode == 0 and shutil.which("pdsh") is not None
+
+
+@pytest.mark.skipif(not localhost_ssh_works(), reason="needs pdsh and ssh to localhost: run .ci/setup-localhost-ssh.sh")
 def test_deepspeed_hostfile_launch_matches_single_process(tmp_path, single_process):
+    """DeepSpeed's multi-node path for real: its ssh check, then pdsh starting the ranks over ssh."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one node, two ranks\nlocalhost slots=2\n")
     proc = opt_ds("launch", "-", *ARGS, "parallel.pipeline=2", f"train.log_dir={tmp_path}", "--hostfile", hostfile,
                   "--master-port", "29613", timeout=180)
     assert "launching TP=1 x PP=2 x DP=1 on 2 processes over 1 node(s)" in proc.stdout
+    assert "cmd = pdsh" in proc.stdout, "the ranks must have been started by pdsh over ssh"
     assert losses(tmp_path) == pytest.approx(losses(single_process), rel=1e-5)
 
 
