@@ -65,6 +65,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--launcher", default="pdsh", help="DeepSpeed multi-node launcher (pdsh, openmpi, slurm, ...)")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--master-addr", default=None, help="address of the first node (default: DeepSpeed's choice)")
+    parser.add_argument("--runner-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for DeepSpeed's runner, repeatable (e.g. --runner-arg=--ssh_port=2222)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the command, do not run it")
 
 
@@ -76,6 +78,7 @@ def build_command(args, world_size: int) -> list:
         cmd += ["--num_gpus", str(world_size)]
     if args.master_addr:
         cmd += ["--master_addr", args.master_addr]
+    cmd += args.runner_arg
     return cmd + ["--module", "opt_ds", "train", str(args.config), *args.overrides]
 
 

@@ -41,7 +41,7 @@ def test_deepspeed_hostfile_launch_matches_single_process(tmp_path, single_proce
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# one node, two ranks\nlocalhost slots=2\n")
     proc = opt_ds("launch", "-", *ARGS, "parallel.pipeline=2", f"train.log_dir={tmp_path}", "--hostfile", hostfile,
-                  "--master-port", "29613", timeout=180)
+                  "--master-port", "29613", "--runner-arg=--force_multi", timeout=180)
     assert "launching TP=1 x PP=2 x DP=1 on 2 processes over 1 node(s)" in proc.stdout
     assert "cmd = pdsh" in proc.stdout, "the ranks must have been started by pdsh over ssh"
     assert losses(tmp_path) == pytest.approx(losses(single_process), rel=1e-5)
