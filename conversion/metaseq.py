@@ -213,7 +213,11 @@ class MetaseqReader:
                                   f"{self.where}; drop --num-heads")
         shapes = self.parts[0].shapes
         try:
-            vocab = sum(p.shapes["decoder.embed_tokens.weight"][0] for p in self.parts)
+            rows = {p.shapes["decoder.embed_tokens.weight"][0] for p in self.parts}
+            if len(rows) > 1:
+                raise ConversionError(f"{self.where}: the MP parts hold different numbers of vocabulary rows "
+                                      f"({sorted(rows)}); they come from different checkpoints")
+            vocab = rows.pop() * len(self.parts)
             embed = shapes["decoder.embed_tokens.weight"][1]
             positions, hidden = shapes["decoder.embed_positions.weight"]
             ffn = sum(p.shapes["decoder.layers.0.fc1.weight"][0] for p in self.parts)

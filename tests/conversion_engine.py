@@ -5,9 +5,11 @@
         fixed prompt through engine.eval_batch and save the full-vocabulary logits of the last stage.
     train --tp T --pp P --save DIR --steps K --out FILE
         train K steps from the seeded initialisation, save a checkpoint (with opt_ds's client state),
-        then record the loss on a fixed evaluation batch and the loss of training step K+1.
+        then record the loss on a fixed evaluation batch and the losses of training steps K+1, K+2.
     resume --tp T --pp P --load DIR --how weights|universal --steps K --out FILE
-        load the converted checkpoint at this layout, record the same evaluation loss, then train step K+1.
+        load the converted checkpoint at this layout, record the same evaluation loss and the losses of
+        training steps K+1, K+2 (load_module_only for weights, "load_universal" for universal checkpoints).
+The loss of step K+1 depends on the weights only; step K+2 also shows the optimizer state and LR schedule.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def cmd_train(args):
     engine = make_engine(shape, args.tp, args.pp)
     losses = train_steps(engine, 0, args.steps)
     engine.save_checkpoint(args.save, tag=f"global_step{args.steps}", client_state=checkpoint_client_state(shape))
-    result = {"losses": losses, "eval": eval_loss(engine), "next": train_steps(engine, args.steps, 1)[0]}
+    result = {"losses": losses, "eval": eval_loss(engine), "next": train_steps(engine, args.steps, 2)}
     write_json(args.out, result)
 
 
@@ -118,8 +120,7 @@ def cmd_resume(args):
     else:
         engine.load_checkpoint(args.load)
     result = {"eval": eval_loss(engine), "global_steps": engine.global_steps}
-    if args.how == "universal":
-        result["next"] = train_steps(engine, args.steps, 1)[0]
+    result["next"] = train_steps(engine, args.steps, 2)
     write_json(args.out, result)
 
 
