@@ -8,6 +8,7 @@ about one layer of memory beyond what the formats force (a metaseq MP part is on
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -89,6 +90,7 @@ class Checkpoint:
     read_layer: Callable[[int], Dict[str, torch.Tensor]]
     sources: Dict[str, str]
     source_shapes: Dict[str, tuple]
+    optimizer_state: Optional[str] = None       # what optimizer state the source holds (not carried over)
     dtype_override: Optional[torch.dtype] = field(default=None)
 
     def __post_init__(self):
@@ -109,8 +111,7 @@ class Checkpoint:
 
     def with_dtype(self, dtype: Optional[torch.dtype]) -> "Checkpoint":
         """The same checkpoint, every floating tensor cast to `dtype` as it is read (None: unchanged)."""
-        return Checkpoint(self.shape, self.origin, self.read_globals, self.read_layer, self.sources,
-                          self.source_shapes, dtype)
+        return dataclasses.replace(self, dtype_override=dtype)
 
     def _checked(self, tensors: Dict[str, torch.Tensor], shapes: Dict[str, tuple], prefix: str):
         if set(tensors) != set(shapes):

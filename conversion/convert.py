@@ -144,12 +144,11 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
         out("\n".join(mapping_lines(source, o)))
         out(f"dry run: nothing written (would write {o.to} to {dst})")
         return 0
-    dropped = optimizer_state_note(src, fmt, o)
     with staged_directory(dst, o.force) as staging:
         write_target(source.with_dtype(DTYPES.get(o.dtype)), src, staging, o)
     out(f"wrote {o.to} checkpoint to {dst}")
-    if dropped:
-        out(dropped)
+    if source.optimizer_state and o.to != "universal":
+        out(optimizer_state_note(source.optimizer_state, fmt))
     if o.to == "universal":
         out(f"resume from it at any TP/PP/DP with the DeepSpeed config entry {universal.LOAD_CONFIG} "
             f"(engine.load_checkpoint('{dst}') then reads {universal.LATEST})")
@@ -162,12 +161,11 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
     return 0 if report.ok else 1
 
 
-def optimizer_state_note(src: Path, fmt: str, o: Options) -> Optional[str]:
-    """The statement printed when the source holds optimizer state that this conversion does not carry."""
-    if fmt != "opt_ds" or o.to == "universal":
-        return None
-    if not opt_ds_format.OptDsReader(src, o.src_tag, o.num_heads).has_optimizer_state:
-        return None
-    return ("note: the optimizer state (ZeRO files) is dropped: this writes weights only, and an engine loads them "
-            "with load_module_only=True. To change TP/PP/DP and keep Adam's moments, convert with --to universal "
-            "and resume with {\"checkpoint\": {\"load_universal\": true}}.")
+def optimizer_state_note(what: str, fmt: str) -> str:
+    """The statement printed when the source holds optimizer state that a weights-only conversion drops."""
+    note = (f"note: {what} is dropped: the target holds weights only (an opt_ds engine loads them with "
+            "load_module_only=True), so training from it restarts Adam's moments and the LR schedule.")
+    if fmt == "opt_ds":
+        note += (" To change TP/PP/DP and keep the optimizer state, convert with --to universal and resume with "
+                 "{\"checkpoint\": {\"load_universal\": true}}.")
+    return note

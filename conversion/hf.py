@@ -154,8 +154,9 @@ class HFReader:
             self._check_tied_head()
 
     def _check_tied_head(self):
-        head, embedding = self.weights.get(LM_HEAD), self.weights.get(self.names.get(C.EMBED_TOKENS, LM_HEAD))
-        if head.shape != embedding.shape or not torch.equal(head, embedding):
+        head = self.weights.get(LM_HEAD)
+        embedding = self.weights.get(self.names[C.EMBED_TOKENS]) if C.EMBED_TOKENS in self.names else None
+        if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
             raise ConversionError(f"{self.directory}: lm_head.weight differs from the token embedding; OPT ties them "
                                   "and opt_ds has no separate output layer, so this model cannot convert")
 

@@ -195,6 +195,7 @@ class MetaseqReader:
         part_files = find_parts(Path(path))
         self.where = f"{part_files[0][0].parent}/{part_files[0][0].name}" + \
             (f" (+{sum(map(len, part_files)) - 1} more files)" if sum(map(len, part_files)) > 1 else "")
+        self.files_label = files_label(part_files)
         self.parts = [_Part(files) for files in progress(part_files, desc="metaseq parts")]
         model_cfg = _cfg_get(self.parts[0].cfg, "model")
         declared = _cfg_get(model_cfg, "model_parallel_size")
@@ -287,14 +288,26 @@ class MetaseqReader:
         fused = FUSED_QKV[0] in self.read_layer_names(0)
         sources = {key: self._describe(key, fused) for key in shapes}
         origin = f"metaseq checkpoint {self.where} ({len(self.parts)} MP part(s))"
-        return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes)
+        optimizer = "the FSDP optimizer state (last_optimizer_state)" \
+            if any(s.get("last_optimizer_state") is not None for p in self.parts for s in p.states) else None
+        return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes, optimizer)
 
     def read_layer_names(self, layer: int) -> List[str]:
         prefix = f"decoder.layers.{layer}."
         return [k[len(prefix):] for k in self.parts[0].shapes if k.startswith(prefix)]
 
     def _describe(self, key: str, fused: bool) -> str:
-        return describe_location(key, len(self.parts), fused, "part files")
+        return describe_location(key, len(self.parts), fused, self.files_label)
+
+
+def files_label(part_files: List[List[Path]]) -> str:
+    """`reshard-model_part-{0..1}.pt`-style name for a set of part (and shard) files."""
+    match = PART_FILE.match(part_files[0][0].name)
+    if not match:
+        return part_files[0][0].name
+    shards = f"-shard{{0..{len(part_files[0]) - 1}}}" if match.group("shard") is not None else ""
+    parts = f"{{0..{len(part_files) - 1}}}" if len(part_files) > 1 else "0"
+    return f"{match.group('prefix')}-model_part-{parts}{shards}.pt"
 
 
 def describe_location(key: str, parts: int, fused: bool, files: str) -> str:
@@ -307,7 +320,7 @@ def describe_location(key: str, parts: int, fused: bool, files: str) -> str:
             name = f"decoder.layers.{layer}.self_attn.qkv_proj.{rel.rsplit('.', 1)[1]} ({rel.split('.')[1][0]} block " \
                    "of each part's [K;V;Q])"
     dim = split_dim(name.split(" ")[0].replace("qkv_proj", "q_proj"))
-    how = "replicated" if dim is None or parts == 1 else f"split dim {dim} over {parts} parts"
+    how = "whole" if parts == 1 else "replicated" if dim is None else f"split dim {dim} over {parts} parts"
     return f"{files}: {name} [{how}]"
 
 

@@ -187,10 +187,10 @@ def write(ckpt: Checkpoint, dst: Path, *, tp: int = 1, pp: int = 1, tag: str = D
 def target_locations(shape: OPTShape, tp: int) -> Dict[str, str]:
     """Canonical key -> where the writer puts it (for --dry-run)."""
     files = lambda index: f"layer_{index:02d}-model_{{00..{tp - 1:02d}}}" if tp > 1 else f"layer_{index:02d}-model_00"  # noqa: E731
-    return {key: describe_location(key, shape, files) for key in C.expected_shapes(shape)}
+    return {key: describe_location(key, shape, files, tp) for key in C.expected_shapes(shape)}
 
 
-def describe_location(key: str, shape: OPTShape, files) -> str:
+def describe_location(key: str, shape: OPTShape, files, tp: int) -> str:
     if key in GLOBAL_NAMES:
         role, name = GLOBAL_NAMES[key]
         index = special_layer_index(role, shape)
@@ -203,7 +203,7 @@ def describe_location(key: str, shape: OPTShape, files) -> str:
         else:
             name = DECODER_RENAMES[rel]
     split = SPLIT_DIM.get(name.split(" ")[0])
-    how = f"split dim {split}" if split is not None else "replicated"
+    how = "whole" if tp == 1 else f"split dim {split} over {tp} TP ranks" if split is not None else "replicated"
     return f"{files(index)}: {name} [{how}]"
 
 
@@ -367,13 +367,14 @@ class OptDsReader:
         return state
 
     def checkpoint(self) -> Checkpoint:
-        sources = {key: describe_location(key, self.shape, lambda i: f"{self.tag_dir.name}/layer_{i:02d}-*")
+        sources = {key: describe_location(key, self.shape, lambda i: f"{self.tag_dir.name}/layer_{i:02d}-*", self.tp)
                    for key in C.expected_shapes(self.shape)}
         shapes = {k: tuple(v.shape) for k, v in self.read_globals(meta=True).items()}
         for layer in range(self.shape.num_layers):
             shapes.update({C.layer_key(layer, n): tuple(v.shape) for n, v in self.read_layer(layer, meta=True).items()})
         origin = f"opt_ds checkpoint {self.tag_dir} (TP={self.tp}, PP={self.pp})"
-        return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes)
+        optimizer = "the ZeRO optimizer state (zero_pp_rank_*_optim_states.pt)" if self.has_optimizer_state else None
+        return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes, optimizer)
 
 
 def read(path, tag: Optional[str] = None, num_heads: Optional[int] = None) -> Checkpoint:

@@ -17,6 +17,7 @@ import torch
 
 from conversion.convert import Options, convert, open_checkpoint
 from conversion.files import ConversionError
+from conversion.metaseq import ReplicaMismatchWarning
 from conversion_helpers import (METASEQ_VOCAB, assert_same_tensors, fsdp_groups, fsdp_shards, hf_state,
                                 metaseq_file, metaseq_part, tiny_hf_model, write_metaseq_parts)
 
@@ -99,6 +100,19 @@ def test_tied_output_projection_is_accepted_when_equal_to_the_embedding(tmp_path
     state["decoder.output_projection.weight"] = state["decoder.embed_tokens.weight"]
     torch.save(metaseq_file(state, model, 1), tmp_path / "restored.pt")
     assert_same_tensors(hf_state(model), open_checkpoint(tmp_path / "restored.pt", "metaseq").state_dict())
+
+
+def test_replicated_tensors_that_differ_between_parts_warn_and_use_part_0(tmp_path):
+    """metaseq's reshard_mp only warns about this (it tolerates drift between MP copies); so does the reader."""
+    model = tiny_hf_model("pre_ln", vocab_size=METASEQ_VOCAB)
+    write_metaseq_parts(model, tmp_path, parts=2)
+    path = tmp_path / "reshard-model_part-1.pt"
+    part = torch.load(path, weights_only=False)
+    part["model"]["decoder.layers.0.final_layer_norm.bias"] += 1e-3
+    torch.save(part, path)
+    with pytest.warns(ReplicaMismatchWarning, match="final_layer_norm.bias differs between MP part 0 and part 1"):
+        state = open_checkpoint(tmp_path, "metaseq").state_dict()
+    assert_same_tensors(hf_state(model), state)
 
 
 # --- metaseq's and transformers' own tools on files written here (opt-in) -----------------------------
