@@ -124,6 +124,7 @@ class _Part:
         self.cfg = first.get("cfg") if "model" in first else None
         self.shared: Dict[str, str] = {}
         self.flat: Dict[str, tuple] = {}
+        self._cached: tuple = (None, {})
         flat_keys = set()
         if any("flat_param" in k for k in self.model):
             if "shard_metadata" not in first:
@@ -159,7 +160,9 @@ class _Part:
             return self.model[key]
         key = self.shared.get(key, key)
         entry, flat_name, _ = self.flat[key]
-        return self._unflatten(entry, flat_name)[key]
+        if self._cached[0] != (entry, flat_name):      # a layer's tensors are read together: unflatten once
+            self._cached = ((entry, flat_name), self._unflatten(entry, flat_name))
+        return self._cached[1][key]
 
     def _unflatten(self, entry: int, flat_name: str) -> Dict[str, torch.Tensor]:
         """Concatenate the DP shards of one flat parameter (padding removed) and cut it into its tensors."""
@@ -261,9 +264,8 @@ class MetaseqReader:
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         prefix = f"decoder.layers.{layer}."
-        names = [k[len(prefix):] for k in self.parts[0].shapes if k.startswith(prefix)]
         out = {}
-        for name in names:
+        for name in self.read_layer_names(layer):
             if name in FUSED_QKV:
                 fused = [p.get(prefix + name) for p in self.parts]
                 q, k, v = merge_metaseq_kvq([t.to("meta") for t in fused] if meta else fused)

@@ -46,8 +46,9 @@ def hf_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
-def metaseq_part(model, part: int, parts: int, dtype=None) -> "OrderedDict":
-    """MP part `part` of `parts` as metaseq's model-parallel OPT stores it (fused qkv_proj = [K_i; V_i; Q_i])."""
+def metaseq_part(model, part: int, parts: int, dtype=None, fp32_norms: bool = False) -> "OrderedDict":
+    """MP part `part` of `parts` as metaseq's model-parallel OPT stores it (fused qkv_proj = [K_i; V_i; Q_i]);
+    `dtype` casts the tensors, except the LayerNorms with `fp32_norms` (as in some releases, metaseq PR #60)."""
     sd = hf_state(model)
     cfg = model.config
     cut = lambda t, dim=0: torch.chunk(t, parts, dim=dim)[part].clone()  # noqa: E731
@@ -75,7 +76,7 @@ def metaseq_part(model, part: int, parts: int, dtype=None) -> "OrderedDict":
         out["decoder.layer_norm.weight"] = sd["model.decoder.final_layer_norm.weight"]
         out["decoder.layer_norm.bias"] = sd["model.decoder.final_layer_norm.bias"]
     if dtype is not None:
-        out = OrderedDict((k, v.to(dtype)) for k, v in out.items())
+        out = OrderedDict((k, v if fp32_norms and "layer_norm" in k else v.to(dtype)) for k, v in out.items())
     return out
 
 
@@ -91,10 +92,10 @@ def metaseq_file(model_state, model, parts: int) -> dict:
                 model_parallel_size=parts, share_decoder_input_output_embed=True, activation_fn="relu")}}
 
 
-def write_metaseq_parts(model, directory: Path, parts: int, dtype=None) -> None:
+def write_metaseq_parts(model, directory: Path, parts: int, dtype=None, fp32_norms: bool = False) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for k in range(parts):
-        torch.save(metaseq_file(metaseq_part(model, k, parts, dtype), model, parts),
+        torch.save(metaseq_file(metaseq_part(model, k, parts, dtype, fp32_norms), model, parts),
                    directory / f"reshard-model_part-{k}.pt")
 
 

@@ -34,8 +34,9 @@ def test_hf_to_opt_ds_tp2_pp2_and_back_is_bit_exact(tmp_path, kind):
 
 
 def test_metaseq_parts_to_opt_ds_tp1_pp2_and_back_is_bit_exact(tmp_path):
+    """fp16 matrices next to fp32 LayerNorms: every tensor keeps its own dtype."""
     model = tiny_hf_model("pre_ln", vocab_size=METASEQ_VOCAB)
-    write_metaseq_parts(model, tmp_path / "ms", parts=2, dtype=torch.float16)
+    write_metaseq_parts(model, tmp_path / "ms", parts=2, dtype=torch.float16, fp32_norms=True)
     run(tmp_path / "ms", tmp_path / "ods", to="opt_ds", tp=1, pp=2)
     run(tmp_path / "ods", tmp_path / "ms2", to="metaseq", tp=2)
 
