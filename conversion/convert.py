@@ -133,6 +133,8 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
     """Run one conversion; returns the exit code (0 ok, 1 verification failed). Raises ConversionError for
     bad input, always before anything is written."""
     src, dst = Path(src), Path(dst)
+    if overlapping(src, dst):
+        raise ConversionError(f"the destination {dst} overlaps the source {src}; write to a separate directory")
     fmt = o.src_format or detect_format(src)
     check_options(fmt, o)
     if not o.dry_run:
@@ -159,6 +161,11 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
                     open_checkpoint(dst, o.to, num_heads=o.num_heads), reference=o.reference)
     out(str(report))
     return 0 if report.ok else 1
+
+
+def overlapping(src: Path, dst: Path) -> bool:
+    a, b = src.resolve(), dst.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def optimizer_state_note(what: str, fmt: str) -> str:

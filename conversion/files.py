@@ -14,7 +14,7 @@ class ConversionError(ValueError):
     """A conversion that cannot run; the message names the problem and the fix."""
 
 
-def load_torch(path) -> object:
+def load_torch(path, weights_only: bool = False) -> object:
     """torch.load for checkpoint files, memory-mapped when the file allows it.
 
     metaseq and DeepSpeed files pickle Namespace / config objects, so they need `weights_only=False`:
@@ -28,11 +28,11 @@ def load_torch(path) -> object:
         raise ConversionError(f"{path}: the file is empty (truncated copy?); copy it again from its source")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):      # legacy (pre-zip) torch files cannot be memory-mapped
                 raise
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConversionError(f"{path}: cannot be read as a torch checkpoint ({reason}); the file is "

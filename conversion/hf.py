@@ -114,7 +114,7 @@ class _WeightFiles:
             except (SafetensorError, OSError) as err:
                 raise ConversionError(f"{path}: cannot be read as safetensors ({err}); the file is truncated or "
                                       "corrupt: download it again") from None
-        state = load_torch(path)
+        state = load_torch(path, weights_only=True)     # a plain state dict: no need to trust pickles
         if not isinstance(state, dict):
             raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict")
         self._torch_states[path] = state

@@ -99,7 +99,7 @@ def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tens
 def difference(reference: torch.Tensor, other: torch.Tensor) -> tuple:
     """(max |difference|, mean KL(reference || other) per position, reference scale)."""
     max_abs = (reference - other).abs().max().item()
-    kl = F.kl_div(F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True,
+    kl = F.kl_div(F.log_softmax(other.double(), -1), F.log_softmax(reference.double(), -1), log_target=True,
                   reduction="batchmean").item()
     return max_abs, kl, max(1.0, reference.abs().max().item())
 

@@ -146,6 +146,14 @@ def test_untied_lm_head_is_refused(tmp_path):
     assert_fails(tmp_path / "hf", tmp_path / "out", "lm_head.weight differs from the token embedding", to="opt_ds")
 
 
+def test_destination_overlapping_the_source_is_refused(tmp_path, opt_ds_dir):
+    src = copy_tree(opt_ds_dir, tmp_path / "src")
+    for dst in (src, src / "global_step0" / "out", tmp_path):
+        with pytest.raises(ConversionError, match="overlaps the source"):
+            converting(src, dst, to="opt_ds", tp=1, force=True)
+    assert (src / "latest").is_file()
+
+
 def test_failed_write_leaves_destination_untouched(tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

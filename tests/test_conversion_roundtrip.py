@@ -94,3 +94,13 @@ def test_dtype_option_casts_every_tensor(tmp_path):
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     assert torch.equal(written["model.decoder.layers.0.fc1.weight"],
                        hf_state(model)["model.decoder.layers.0.fc1.weight"].bfloat16())
+
+
+def test_hf_reader_accepts_pytorch_bin_with_opt_model_keys(tmp_path):
+    """What HF's own metaseq converter saves: an OPTModel (keys without `model.`), here as pytorch_model.bin."""
+    model = tiny_hf_model("opt_350m_style")
+    (tmp_path / "hf").mkdir()
+    model.config.to_json_file(tmp_path / "hf" / "config.json")
+    torch.save({k[len("model."):]: v for k, v in hf_state(model).items()}, tmp_path / "hf" / "pytorch_model.bin")
+    run(tmp_path / "hf", tmp_path / "out", to="hf")
+    assert_same_tensors(hf_state(model), load_tensors(tmp_path / "out" / "model.safetensors"))
