@@ -54,3 +54,8 @@ def test_universal_checkpoint_continues_training_exactly(trained):
     assert b["global_steps"] == 2
     assert abs(b["eval"] - a["eval"]) <= TOLERANCE
     assert b["next"] == pytest.approx(a["next"], abs=TOLERANCE)
+
+    # the fp32 master weights of a universal checkpoint export like any other source
+    lines = []
+    assert convert(root / "universal", root / "hf", Options(to="hf"), out=lines.append) == 0
+    assert lines[-1].endswith("verify: OK")
