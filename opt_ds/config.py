@@ -183,6 +183,11 @@ def _coerce(value: Any, annotation, where: str):
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):          # YAML 1.1 reads 1e-2 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):

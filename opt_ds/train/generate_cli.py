@@ -6,10 +6,9 @@ checkpoint or `torchrun --nproc_per_node=2 -m opt_ds generate ...` for TP=2; `op
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-
-import torch
 
 from opt_ds.config import ConfigError, RunConfig, build_dataclass, resolve
 from opt_ds.train import checkpoint
@@ -26,15 +25,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def saved_run_config(checkpoint_dir: Path, tag: str) -> dict:
-    states = checkpoint_dir / tag / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise checkpoint.CheckpointError(f"{states} is missing: {checkpoint_dir / tag} is not a complete opt_ds "
-                                         "checkpoint")
-    saved = torch.load(states, map_location="cpu", weights_only=False)
-    if "opt_ds" not in saved:
-        raise checkpoint.CheckpointError(f"{states} has no opt_ds run config; it was not written by `opt-ds train`")
-    return saved["opt_ds"]["config"]
+def saved_run_config(point: checkpoint.ResumePoint) -> dict:
+    """The run config a checkpoint was trained with; for a weights-only checkpoint written by
+    `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
+    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    if point.kind == "universal":
+        raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
+                                         "optimizer can load; generate from the training checkpoint it was made from")
+    if point.run_state is not None:
+        return point.run_state["config"]
+    shape = point.saved.get(MODEL_SHAPE_KEY)
+    if shape is None:
+        raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
+                                         "written by `opt-ds train` or `opt-ds convert`")
+    tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
+    return {"model": shape, "parallel": {"tensor": tensor},
+            "batch": {"seq_length": min(2048, shape["max_position_embeddings"])}}
 
 
 def inference_config(saved: dict, world_size: int):
@@ -51,12 +57,12 @@ def inference_config(saved: dict, world_size: int):
     return resolve(run, world_size)
 
 
-def locate(path: Path) -> tuple:
-    """(save_dir, tag) for either a save_dir with a 'latest' pointer or a checkpoint folder itself."""
-    if (path / checkpoint.LATEST).is_file():
-        return path, checkpoint.latest_tag(path)
+def locate(path: Path) -> checkpoint.ResumePoint:
+    """A train.save_dir (its 'latest' pointer) or a checkpoint folder itself."""
+    if (path / checkpoint.LATEST).is_file() or (path / checkpoint.UNIVERSAL_LATEST).is_file():
+        return checkpoint.describe(path)
     if (path / "mp_rank_00_model_states.pt").is_file():
-        return path.parent, path.name
+        return checkpoint.describe(path.parent, tag=path.name)
     raise checkpoint.CheckpointError(f"{path} is neither a checkpoint folder nor a train.save_dir with a "
                                      f"'{checkpoint.LATEST}' file")
 
@@ -69,11 +75,11 @@ def run(args) -> int:
     from opt_ds.train.generate import sample_text
     from opt_ds.train.loop import run_tokenizer
 
-    save_dir, tag = locate(Path(args.checkpoint))
-    cfg = inference_config(saved_run_config(save_dir, tag), int(os.environ.get("WORLD_SIZE", "1")))
+    point = locate(Path(args.checkpoint))
+    cfg = inference_config(saved_run_config(point), int(os.environ.get("WORLD_SIZE", "1")))
     tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else run_tokenizer(cfg)
     engine = build_engine(cfg, for_training=False)
-    checkpoint.load(engine, save_dir, tag, module_only=True)
+    checkpoint.load(engine, dataclasses.replace(point, kind="weights"))
     text = sample_text(engine, tokenizer, args.prompt, seq_length=cfg.run.batch.seq_length, micro_batch=1,
                        max_new_tokens=args.max_new_tokens, top_p=args.top_p, temperature=args.temperature,
                        seed=args.seed)

@@ -13,6 +13,7 @@ from opt_ds.config import ResolvedConfig
 from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
 from opt_ds.train import checkpoint
+from opt_ds.parallel.checkpoint_info import checkpoint_client_state
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
 from opt_ds.train.engine import build_engine
@@ -26,16 +27,13 @@ class RunState:
     micro_offset: int = 0           # forward passes so far: DeepSpeed derives dropout seeds from it
 
     def client_state(self, cfg: ResolvedConfig) -> dict:
-        return {"opt_ds": {"step": self.step, "micro_offset": self.micro_offset,
-                           "config": cfg.run.to_dict(),
-                           "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
+        return {**checkpoint_client_state(cfg.shape),
+                checkpoint.RUN_STATE_KEY: {
+                    "step": self.step, "micro_offset": self.micro_offset, "config": cfg.run.to_dict(),
+                    "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
 
     @classmethod
-    def from_client_state(cls, client_state: dict) -> "RunState":
-        saved = client_state.get("opt_ds")
-        if saved is None:
-            raise checkpoint.CheckpointError("the checkpoint has no opt_ds run state (step, data position); "
-                                             "it was not written by `opt-ds train`")
+    def from_saved(cls, saved: dict) -> "RunState":
         return cls(step=saved["step"], micro_offset=saved["micro_offset"])
 
 
@@ -79,14 +77,19 @@ class Trainer:
     def __init__(self, cfg: ResolvedConfig):
         self.cfg = cfg
         run = cfg.run
-        self.engine = build_engine(cfg)
+        self.resume_point = checkpoint.find_resume_point(run.train.save_dir, run.train.load_dir)
+        if self.resume_point is not None:
+            checkpoint.check_compatible(self.resume_point, cfg.shape, cfg.layout)
+        universal = self.resume_point is not None and self.resume_point.kind == "universal"
+        self.engine = build_engine(cfg, load_universal=universal)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.state = RunState()
         self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
         self.train_data, self.valid_data = build_datasets(cfg)
         self.recomputed_layers = self._recomputed_layers()
-        self._resume_if_possible()
+        if self.resume_point is not None:
+            self._resume(self.resume_point)
 
     # --- data ------------------------------------------------------------------------------------
 
@@ -98,19 +101,15 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def _resume_if_possible(self) -> None:
-        train = self.cfg.run.train
-        load_dir = train.load_dir or train.save_dir
-        if load_dir is None or checkpoint.latest_tag(load_dir) is None:
-            if train.load_dir is not None:
-                raise checkpoint.CheckpointError(
-                    f"train.load_dir={train.load_dir} holds no checkpoint ('latest' is missing); fix the path "
-                    "or drop train.load_dir to start from scratch")
+    def _resume(self, point) -> None:
+        checkpoint.load(self.engine, point)
+        if point.kind == "weights" or point.run_state is None:
+            self.metrics.log("resume", 0, checkpoint=str(point.folder), kind=point.kind,
+                             note="weights only: optimizer state, LR schedule and data position start afresh")
             return
-        client_state = checkpoint.load(self.engine, load_dir)
-        self.state = RunState.from_client_state(client_state)
+        self.state = RunState.from_saved(point.run_state)
         self.engine.module.micro_offset = self.state.micro_offset
-        self.metrics.log("resume", self.state.step, checkpoint=str(load_dir))
+        self.metrics.log("resume", self.state.step, checkpoint=str(point.folder), kind=point.kind)
 
     def save(self) -> None:
         self.state.micro_offset = self.engine.module.micro_offset
