@@ -16,7 +16,11 @@ from opt_ds.errors import UserError
 
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
+    "generate": ("opt_ds.train.generate_cli", "sample text from a training checkpoint"),
+    "summary": ("opt_ds.train.summary", "summarise a run's metrics.jsonl (validation loss, speed, sample)"),
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
+    "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),
+    "bench": ("opt_ds.bench.cli", "measure training throughput (TFLOP/s, MFU, energy) beside peers; project large runs"),
 }
 
 
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
     module = importlib.import_module(commands[name][0])
     command_parser = argparse.ArgumentParser(prog=f"opt-ds {name}", description=module.__doc__)
     module.add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
+    args = command_parser.parse_intermixed_args(argv[1:])
     try:
         return module.run(args)
     except UserError as err:

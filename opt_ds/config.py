@@ -107,7 +107,7 @@ class DataConfig:
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None
-    tokenizer_dir: Optional[str] = None         # vocab.json + merges.txt used to decode samples
+    tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
 
 
 @dataclass
@@ -123,6 +123,15 @@ class TrainConfig:
     load_tag: Optional[str] = None              # resume from this checkpoint (e.g. global_step30), not `latest`
     log_dir: Optional[str] = None               # metrics.jsonl (+ TensorBoard) go here
     tensorboard: bool = True
+
+
+@dataclass
+class SampleConfig:
+    prompt: Optional[str] = None                # text continued at the end of training (needs a tokenizer)
+    max_new_tokens: int = 48
+    top_p: float = 0.9                          # 0 = greedy
+    temperature: float = 0.8
+    seed: int = 0
 
 
 @dataclass
@@ -180,6 +189,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -225,6 +235,11 @@ def _coerce(value: Any, annotation, where: str):
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):          # YAML 1.1 reads 1e-2 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -270,8 +285,9 @@ def apply_overrides(raw: dict, overrides) -> dict:
 
 
 def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "ResolvedConfig":
+    """Read a YAML config (None or "-": no file, defaults) and apply `section.key=value` overrides."""
     raw: dict = {}
-    if path is not None:
+    if path is not None and str(path) != "-":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as "

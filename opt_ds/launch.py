@@ -58,7 +58,7 @@ def check_hosts_fit(hosts: dict, tensor: int) -> None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML run config")
+    parser.add_argument("config", help="YAML run config ('-': none, defaults plus overrides)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one `hostname slots=N` line per node")
@@ -68,6 +68,8 @@ def add_arguments(parser) -> None:
                              "per rank, so SLURM's signals reach every rank; see opt_ds/slurm.py)")
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--master-addr", default=None, help="address of the first node (default: DeepSpeed's choice)")
+    parser.add_argument("--runner-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for DeepSpeed's runner, repeatable (e.g. --runner-arg=--ssh_port=2222)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the command, do not run it")
 
 
@@ -79,6 +81,7 @@ def build_command(args, world_size: int) -> list:
         cmd += ["--num_gpus", str(world_size)]
     if args.master_addr:
         cmd += ["--master_addr", args.master_addr]
+    cmd += args.runner_arg
     return cmd + ["--module", "opt_ds", "train", str(args.config), *args.overrides]
 
 
@@ -103,8 +106,6 @@ def run(args) -> int:
           + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")      # the runner leaves it unset: 8 ranks on 2 cores ran 10x slower
     if cmd[0] == "srun":                        # become srun: a signal to the job script's child reaches srun,
-        os.execvpe(cmd[0], cmd, env)            # which forwards it to every rank (no Python in between to die)
-    return subprocess.call(cmd, env=env)
+        os.execvp(cmd[0], cmd)                  # which forwards it to every rank (no Python in between to die)
+    return subprocess.call(cmd)

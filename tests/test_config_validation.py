@@ -109,3 +109,8 @@ def test_launch_with_wrong_world_size_fails_before_process_groups(tmp_path):
     assert proc.returncode != 0
     assert "world size 3 is not a multiple of TP x PP = 2 x 2" in proc.stdout
     assert "opt_ds/config.py" not in proc.stdout, "our error must be one line, not a traceback (torchrun adds its own)"
+
+
+def test_exponent_without_dot_is_a_number():
+    """YAML 1.1 reads `1e-2` as a string; a learning rate written that way must still work."""
+    assert load_config(None, BASE + ["optimizer.lr=1e-2"]).run.optimizer.lr == 0.01

@@ -60,11 +60,22 @@ def test_damaged_checkpoint_error_offers_the_previous_healthy_one(tmp_path):
     with open(damaged / "mp_rank_00_model_states.pt", "r+b") as f:
         f.truncate(10)
     with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.load(None, tmp_path)             # fails on the manifest, before the engine is touched
+        checkpoint.find_resume_point(tmp_path, None)    # sizes are checked before anything is unpickled
     assert str(info.value) == (
         f"{damaged} is damaged (mp_rank_00_model_states.pt: size 10 != 1000 bytes in its manifest); the previous "
         f"healthy checkpoint is global_step10: resume with train.load_tag=global_step10 (newer checkpoints are "
         f"then moved to {tmp_path / 'abandoned'})")
+
+
+def test_changed_bytes_are_caught_before_the_engine_loads(tmp_path):
+    fake_checkpoint(tmp_path, 10)
+    folder = fake_checkpoint(tmp_path, 20)
+    layer = folder / "layer_00-model_00-model_states.pt"
+    layer.write_bytes(bytes(4096))                                  # same size, other bytes
+    point = checkpoint.ResumePoint(tmp_path, "global_step20", "full", {})
+    with pytest.raises(checkpoint.CheckpointError, match="layer_00-model_00-model_states.pt: content differs "
+                       "from its manifest .sha256..; the previous healthy checkpoint is global_step10"):
+        checkpoint.load(None, point, verify="sha256")
 
 
 def test_set_aside_keeps_newer_checkpoints_out_of_the_trajectory(tmp_path):

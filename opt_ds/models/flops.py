@@ -1,41 +1,121 @@
-"""Training FLOPs of an OPT step, in the conventions papers use (each figure carries its formula).
+"""FLOPs per training step under the three conventions papers use, each with its formula written out.
 
-B sequences of length s, l layers, hidden h, vocabulary V (Narayanan et al. 2021):
-  model FLOPs (no recompute)      72 B s l h^2 (1 + s/(6h) + V/(12 l h))
-  hardware FLOPs (full recompute) 96 B s l h^2 (1 + s/(6h) + V/(16 l h))
-  6N + attention (torchtitan)     B s (6 N_matmul + 12 l h s)
+For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (training-recipe.md, anchors §6.4):
+
+  model      72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))   Narayanan et al. 2021 without recompute, full s² attention
+  hardware   96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))   Narayanan eq. 3: every layer's forward runs twice
+  6N+attn    B·s·(6·N + 12·l·h·s)                     torchtitan; N = the parameters used in matmuls
+
+The closed forms assume an MLP of width 4h and an LM head of width h, which holds for every OPT size but
+opt-350m (512-wide embedding with project_in/project_out). The sums below are exact per term and reduce
+to the closed forms when F = 4h and E = h; for other shapes the formula text says which terms changed.
 """
 from __future__ import annotations
 
-from opt_ds.models.presets import OPTShape
+from dataclasses import dataclass
 
-MODEL_FLOPS_FORMULA = "72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)) [Narayanan eq., no recompute]"
-HARDWARE_FLOPS_FORMULA = "96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) [Narayanan eq. 3, full recompute]"
-SIX_N_FORMULA = "B*s*(6*N_matmul + 12*l*h*s) [6N + attention, torchtitan]"
+from opt_ds.models.presets import OPTShape, POSITION_OFFSET, analytic_parameter_count
+
+MODEL_FORMULA = "72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))"
+HARDWARE_FORMULA = "96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))"
+SIXN_FORMULA = "B·s·(6·N + 12·l·h·s)"
+
+# The OPT paper's per-GPU figure for OPT-175B on 992 A100-80GB, the number the suite is compared with.
+OPT_175B_A100_TFLOPS = 147.0
 
 
-def model_flops(shape: OPTShape, batch: int, seq: int) -> float:
-    """FLOPs of one forward+backward without activation recompute."""
-    l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
-    return 72.0 * batch * seq * l * h * h * (1 + seq / (6 * h) + v / (12 * l * h))
+@dataclass(frozen=True)
+class FlopsCount:
+    """FLOPs of one optimizer step under one convention, with the arithmetic that produced it."""
+    key: str            # model | hardware | 6n_attention
+    label: str
+    flops: float
+    formula: str        # the general formula
+    worked: str         # the formula with this run's numbers substituted
 
 
-def hardware_flops(shape: OPTShape, batch: int, seq: int, recompute: bool) -> float:
-    """FLOPs the hardware executes: with full activation recompute the forward runs twice."""
-    if not recompute:
-        return model_flops(shape, batch, seq)
-    l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
-    return 96.0 * batch * seq * l * h * h * (1 + seq / (6 * h) + v / (16 * l * h))
+def layer_flops_per_token(shape: OPTShape, seq: int) -> float:
+    """Forward + backward FLOPs of one decoder layer per token: 3 × (matmuls 2·(4h² + 2hF) + attention 4·s·h).
+
+    The attention term counts the full s×s score and context products (no causal halving), as
+    Narayanan et al. do; biases, LayerNorm, softmax and ReLU are not counted.
+    """
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    return 3.0 * (2.0 * (4 * h * h + 2 * h * f) + 4.0 * seq * h)
+
+
+def head_flops_per_token(shape: OPTShape) -> float:
+    """Forward + backward FLOPs of the LM head (6·V·E) and of opt-350m's project_in/out (2 × 6·E·h)."""
+    e, h = shape.embed_dim, shape.hidden_size
+    projections = 12.0 * e * h if shape.has_projections else 0.0
+    return 6.0 * shape.vocab_size * e + projections
 
 
 def matmul_parameters(shape: OPTShape) -> int:
-    """Parameters that take part in matrix multiplies (no biases, norms or position table)."""
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    projections = 2 * shape.embed_dim * h if shape.has_projections else 0
-    return shape.num_layers * (4 * h * h + 2 * h * f) + shape.vocab_size * shape.embed_dim + projections
+    """N for the 6N convention: every parameter except the lookup tables, plus the tied LM head once.
+
+    torchtitan subtracts embedding tables from N; its models have an untied output head, which stays in
+    N. OPT's head is the tied token embedding, and its V×E matmul is real work, so it is counted here.
+    """
+    positions = (shape.max_position_embeddings + POSITION_OFFSET) * shape.hidden_size
+    return analytic_parameter_count(shape) - positions
 
 
-def six_n_flops(shape: OPTShape, batch: int, seq: int) -> float:
-    """torchtitan's convention: 6 FLOPs per matmul parameter per token plus full s^2 attention."""
-    per_token = 6 * matmul_parameters(shape) + 12 * shape.num_layers * shape.hidden_size * seq
-    return float(batch * seq * per_token)
+def _closed_form_applies(shape: OPTShape) -> bool:
+    return shape.ffn_hidden_size == 4 * shape.hidden_size and not shape.has_projections
+
+
+def _shape_note(shape: OPTShape) -> str:
+    if _closed_form_applies(shape):
+        return ""
+    notes = []
+    if shape.ffn_hidden_size != 4 * shape.hidden_size:
+        notes.append(f"F={shape.ffn_hidden_size}≠4h: per-layer term 6·(4h²+2hF)+12·s·h")
+    if shape.has_projections:
+        notes.append(f"E={shape.embed_dim}≠h: logits 6·V·E plus project_in/out 12·E·h per token")
+    return " [exact per-term sum; " + "; ".join(notes) + "]"
+
+
+def model_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+    l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
+    tokens = batch * seq
+    flops = tokens * (l * layer_flops_per_token(shape, seq) + head_flops_per_token(shape))
+    worked = (f"72·{batch}·{seq}·{l}·{h}²·(1 + {seq / (6 * h):.4f} + {v / (12 * l * h):.4f})"
+              f"{_shape_note(shape)} = {flops:.4g}")
+    return FlopsCount("model", "model FLOPs, no recompute", flops, MODEL_FORMULA, worked)
+
+
+def hardware_flops(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> FlopsCount:
+    """Model FLOPs plus one more forward pass of each decoder layer whose activations are recomputed.
+
+    With every layer recomputed this is Narayanan's eq. 3; with none it equals the model FLOPs.
+    """
+    l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
+    tokens = batch * seq
+    recompute = tokens * recomputed_layers * layer_flops_per_token(shape, seq) / 3.0
+    model = model_flops(shape, batch, seq).flops
+    flops = model + recompute
+    if recomputed_layers == l:
+        worked = (f"96·{batch}·{seq}·{l}·{h}²·(1 + {seq / (6 * h):.4f} + {v / (16 * l * h):.4f})"
+                  f"{_shape_note(shape)} = {flops:.4g}")
+    elif recomputed_layers == 0:
+        worked = f"no activation recompute: equal to model FLOPs = {flops:.4g}"
+    else:
+        worked = (f"model FLOPs {model:.4g} + one more forward of the {recomputed_layers} of {l} layers "
+                  f"that are recomputed {recompute:.4g} = {flops:.4g}")
+    return FlopsCount("hardware", "hardware FLOPs, with recompute", flops, HARDWARE_FORMULA, worked)
+
+
+def sixn_attention_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+    l, h = shape.num_layers, shape.hidden_size
+    n = matmul_parameters(shape)
+    flops = batch * seq * (6.0 * n + 12.0 * l * h * seq)
+    worked = f"{batch}·{seq}·(6·{n:.4g} + 12·{l}·{h}·{seq}) = {flops:.4g}"
+    return FlopsCount("6n_attention", "6N + attention (torchtitan)", flops, SIXN_FORMULA, worked)
+
+
+def all_conventions(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> list:
+    """The three conventions for one optimizer step of `batch` sequences, in the order reports use."""
+    return [model_flops(shape, batch, seq),
+            hardware_flops(shape, batch, seq, recomputed_layers),
+            sixn_attention_flops(shape, batch, seq)]

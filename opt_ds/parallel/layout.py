@@ -47,12 +47,15 @@ class ParallelLayout:
 
     def initialize(self, timeout_minutes: int = 30) -> None:
         """Start torch.distributed (gloo on CPU, NCCL on GPU) and megatron's parallel_state."""
+        # Read when the CUDA context is created, so before any CUDA call: megatron's TP layers overlap their
+        # gradient all-reduce with the weight-gradient GEMM and rely on launches staying in order.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        _share_cores_between_local_ranks()
         apply_cpu_adaptations()
         _default_single_process_env()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not running_on_cpu():
             torch.cuda.set_device(local_rank)
-            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         import deepspeed
         from datetime import timedelta
         if not torch.distributed.is_initialized():
@@ -106,6 +109,16 @@ class ParallelLayout:
             gradient_accumulation_fusion=False,
             sequence_parallel=False,
         )
+
+
+def _share_cores_between_local_ranks() -> None:
+    """Unless OMP_NUM_THREADS says otherwise, give each rank its share of this machine's cores. Launchers
+    differ (torchrun sets 1; DeepSpeed's runner sets nothing and pdsh forwards only some variables), and
+    oversubscribed ranks ran ~10x slower on 2 cores."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def _default_single_process_env() -> None:

@@ -86,6 +86,22 @@ def build_pipeline(shape: OPTShape, layout, *, seed: int = 1234, activation_chec
     )
 
 
+def recomputed_decoder_layers(pipeline_module) -> int:
+    """Decoder layers of this stage whose forward DeepSpeed re-runs in backward.
+
+    DeepSpeed checkpoints the stage's layer list in blocks of `activation_checkpoint_interval` and skips
+    blocks that hold a non-checkpointable layer (the embedding, the head); its own per-block decision
+    (`is_checkpointable_results`) is read here rather than re-derived.
+    """
+    interval = pipeline_module.activation_checkpoint_interval
+    if interval == 0:
+        return 0
+    funcs = pipeline_module.forward_funcs
+    starts = range(0, len(funcs), interval)
+    return sum(sum(isinstance(f, OPTDecoderLayer) for f in funcs[start:start + interval])
+               for start, checkpointed in zip(starts, pipeline_module.is_checkpointable_results) if checkpointed)
+
+
 def count_parameters(shape: OPTShape) -> int:
     """Parameters of the full model, counted by building each distinct layer on the meta device (nothing is
     allocated, so opt-175b is counted in milliseconds). Needs megatron's parallel_state at TP=1."""

@@ -8,6 +8,7 @@ know: the step, the data position and the micro-batch counter that seeds dropout
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -23,6 +24,8 @@ from opt_ds.train import manifest
 from opt_ds.train.durable import fsync, write_atomically
 
 LATEST = "latest"
+UNIVERSAL_LATEST = "latest_universal"     # written by `opt-ds convert --to universal`
+RUN_STATE_KEY = "opt_ds"
 ABANDONED = "abandoned"
 _TAG = re.compile(r"^global_step(\d+)$")
 
@@ -147,26 +150,114 @@ def damaged_error(load_dir, tag: str, problems: list, mode: str) -> CheckpointEr
     return CheckpointError(f"{load_dir / tag} is damaged ({detail}); {fix}")
 
 
-def load(engine, load_dir, tag: Optional[str] = None, *, module_only: bool = False,
-         verify: str = "sha256") -> dict:
-    """Collective: check `tag` (default: the `latest` pointer) against its manifest, then load it into the
-    engine; returns the client state. `verify`: sha256 | size | none (see opt_ds.train.manifest)."""
-    tag = tag or latest_tag(load_dir)
-    if tag is None:
-        raise CheckpointError(f"no checkpoint in {load_dir}: it has no '{LATEST}' file; pass the folder a run "
-                              "saved into (train.save_dir) or a tag")
-    if not (Path(load_dir) / tag).is_dir():
-        raise CheckpointError(f"checkpoint {Path(load_dir) / tag} does not exist; '{LATEST}' in {load_dir} names a "
-                              "missing folder — point it at an existing global_step* folder")
-    problems = manifest.verify(Path(load_dir) / tag, verify)
+@dataclass
+class ResumePoint:
+    """A checkpoint to resume from and what kind it is:
+    full      written by `opt-ds train` at this layout: weights, ZeRO optimizer state, LR schedule, run state;
+    universal `opt-ds convert --to universal`: all of that, loadable at any TP x PP x DP;
+    weights   `opt-ds convert --to opt_ds`: weights only (optimizer and schedule start afresh)."""
+    directory: Path
+    tag: str
+    kind: str
+    saved: dict             # the client state stored in mp_rank_00_model_states.pt
+
+    @property
+    def folder(self) -> Path:
+        return self.directory / self.tag
+
+    @property
+    def run_state(self) -> Optional[dict]:
+        return self.saved.get(RUN_STATE_KEY)
+
+
+def find_resume_point(save_dir, load_dir, tag: Optional[str] = None) -> Optional[ResumePoint]:
+    """The run's own latest checkpoint (save_dir) if there is one, else load_dir's; None for a fresh start.
+    Preferring save_dir makes a restarted run continue from its newest checkpoint, not from where it began.
+    `tag` (train.load_tag) names another checkpoint than the latest, looked up in save_dir, then load_dir."""
+    if tag is not None:
+        for directory in (save_dir, load_dir):
+            if directory is not None and (Path(directory) / tag).is_dir():
+                return describe(Path(directory), tag)
+        where = " or ".join(str(d) for d in (save_dir, load_dir) if d is not None) or "no train.save_dir/load_dir"
+        raise CheckpointError(f"train.load_tag={tag}: there is no folder {tag} in {where}; name one of the "
+                              "global_step* folders there")
+    for directory in (save_dir, load_dir):
+        if directory is not None and (latest_tag(directory) or _universal_tag(directory)):
+            return describe(Path(directory))
+    if load_dir is not None:
+        raise CheckpointError(f"train.load_dir={load_dir} holds no checkpoint (no '{LATEST}' or "
+                              f"'{UNIVERSAL_LATEST}' file); fix the path or drop train.load_dir to start from scratch")
+    return None
+
+
+def _universal_tag(directory) -> Optional[str]:
+    pointer = Path(directory) / UNIVERSAL_LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def describe(directory: Path, tag: Optional[str] = None) -> ResumePoint:
+    """What the checkpoint `tag` (default: the one the latest pointer names) in `directory` holds."""
+    import torch
+    universal = _universal_tag(directory)
+    if tag is None and universal is not None:
+        tag, kind = universal, "universal"
+    else:
+        tag = tag or latest_tag(directory)
+        kind = "full" if any((directory / str(tag)).glob("*zero_pp_rank_*_optim_states.pt")) else "weights"
+    states = directory / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise CheckpointError(f"checkpoint {directory / tag} is incomplete: {states.name} is missing; resume from "
+                              "an earlier global_step* folder (write its name into 'latest')")
+    problems = manifest.verify(directory / tag, "size")     # sizes only: no process group exists yet
     if problems:
-        raise damaged_error(load_dir, tag, problems, verify)
+        raise damaged_error(directory, tag, problems, "size")
+    try:
+        saved = torch.load(states, map_location="cpu", weights_only=False)
+    except Exception as err:                # a damaged file must not surface as a pickle traceback
+        raise damaged_error(directory, tag, [f"{states.name}: unreadable ({type(err).__name__}: {err})"],
+                            "size") from None
+    return ResumePoint(directory, tag, kind, {k: v for k, v in saved.items() if isinstance(k, str)})
+
+
+def check_compatible(point: ResumePoint, shape, layout) -> None:
+    """The checkpoint must hold this model, and a full checkpoint this layout (ZeRO partitions do not move)."""
+    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    stored = point.saved.get(MODEL_SHAPE_KEY)
+    if stored is not None:
+        wanted = dataclasses.asdict(shape)
+        differs = [f"{k}: checkpoint {stored.get(k)!r}, config {v!r}" for k, v in wanted.items()
+                   if k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
+                            "max_position_embeddings", "word_embed_proj_dim", "pre_layer_norm")
+                   and stored.get(k) != v]
+        if differs:
+            raise CheckpointError(f"{point.folder} holds another model ({'; '.join(differs)}); use the model config "
+                                  "it was trained with")
+    run_state = point.run_state
+    if point.kind == "full" and run_state is not None:
+        saved_layout = tuple(run_state["layout"][k] for k in ("tensor", "pipeline", "data"))
+        if saved_layout != (layout.tensor, layout.pipeline, layout.data):
+            tp, pp, dp = saved_layout
+            raise CheckpointError(
+                f"{point.folder} was saved at TP={tp} x PP={pp} x DP={dp}, this run is {layout}; ZeRO optimizer "
+                f"state only loads at the layout that wrote it. Convert it once with `opt-ds convert "
+                f"{point.directory} {point.directory}-universal --to universal` and set "
+                f"train.load_dir={point.directory}-universal (keeps the optimizer), or `--to opt_ds --tp "
+                f"{layout.tensor} --pp {layout.pipeline}` (weights only)")
+
+
+def load(engine, point: ResumePoint, verify: str = "sha256") -> dict:
+    """Collective: check the resume point against its manifest (`verify`: sha256 | size | none, the ranks
+    sharing the reading), then load it into the engine (built with load_universal for a universal one)."""
+    problems = manifest.verify(point.folder, verify)
+    if problems:
+        raise damaged_error(point.directory, point.tag, problems, verify)
     if problems is None and dist.get_rank() == 0:
-        print(f"[opt_ds] warning: {Path(load_dir) / tag} has no {manifest.MANIFEST}; its files cannot be checked "
-              "before loading", flush=True)
+        print(f"[opt_ds] warning: {point.folder} has no {manifest.MANIFEST}; its files cannot be checked before "
+              "loading", flush=True)
+    weights_only = point.kind == "weights"
     path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_module_only=module_only,
-        load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+        str(point.directory), tag=point.tag, load_module_only=weights_only,
+        load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {Path(load_dir) / tag}")
+        raise CheckpointError(f"DeepSpeed could not load {point.folder}")
     return client_state or {}

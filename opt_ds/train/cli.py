@@ -22,12 +22,19 @@ def run(args) -> int:
     from opt_ds.slurm import adopt_environment
     adopt_environment()                         # ranks started as srun tasks (opt-ds launch --launcher slurm)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(None if args.config == "-" else args.config, args.overrides, world_size=world_size)
+    cfg = load_config(args.config, args.overrides, world_size=world_size)
     if args.print_config:
         print(json.dumps({"config": cfg.run.to_dict(), "layout": str(cfg.layout),
                           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                           "deepspeed": cfg.deepspeed_config()}, indent=2))
         return 0
+    from opt_ds.errors import TrainingDiverged
+    from opt_ds.train.collective import shutdown
     from opt_ds.train.loop import Trainer
-    Trainer(cfg).train()
+    try:
+        Trainer(cfg).train()
+    except TrainingDiverged:
+        shutdown()                              # every rank took this decision together: all meet here
+        raise
+    shutdown()
     return 0

@@ -68,8 +68,11 @@ def _clip_fp32_gradients(engine) -> None:
     engine._global_grad_norm = norm.item()
 
 
-def build_engine(cfg: ResolvedConfig):
-    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine."""
+def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal: bool = False):
+    """Initialise the process groups for the layout and return the DeepSpeed PipelineEngine.
+
+    For inference (`for_training=False`) no optimizer or ZeRO state is allocated. `load_universal` prepares
+    the engine to resume from a universal checkpoint (`opt-ds convert --to universal`) at this layout."""
     import deepspeed
 
     layout = cfg.layout
@@ -78,11 +81,17 @@ def build_engine(cfg: ResolvedConfig):
     module = build_pipeline(cfg.shape, layout, seed=run.train.seed,
                             activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
                             partition_method=run.parallel.partition_method)
+    if not for_training:
+        config = {**cfg.deepspeed_config(), "zero_optimization": {"stage": 0}}
+        return deepspeed.initialize(model=module, config=config)[0]
+    config = cfg.deepspeed_config()
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=make_optimizer(module, cfg),
         lr_scheduler=lambda optimizer: make_scheduler(optimizer, cfg),
-        config=cfg.deepspeed_config(),
+        config=config,
     )
     if run.parallel.zero_stage == 0:
         engine.clip_fp32_gradients = types.MethodType(_clip_fp32_gradients, engine)

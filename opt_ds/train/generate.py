@@ -61,3 +61,12 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
         if stop_at_eos and token == EOS_ID:
             break
     return tokens
+
+
+def sample_text(engine, tokenizer, prompt: str, *, seq_length: int, micro_batch: int, max_new_tokens: int,
+                top_p: float, temperature: float, seed: int) -> str:
+    """Continue `prompt` (OPT prepends </s> as BOS) and return the decoded continuation."""
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)[-(seq_length - 1):]
+    ids = generate(engine, prompt_ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
+                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed)
+    return tokenizer.decode(ids[len(prompt_ids):])

@@ -14,6 +14,8 @@ from opt_ds.config import ResolvedConfig
 from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
 from opt_ds.train import checkpoint
+from opt_ds.parallel.checkpoint_info import checkpoint_client_state
+from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
 from opt_ds.train.engine import build_engine
 from opt_ds.train.metrics import MetricsLogger
@@ -39,15 +41,13 @@ class RunState:
         return self.step + self.data_offset
 
     def client_state(self, cfg: ResolvedConfig) -> dict:
-        return {"opt_ds": {**asdict(self), "config": cfg.run.to_dict(),
-                           "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
+        return {**checkpoint_client_state(cfg.shape),
+                checkpoint.RUN_STATE_KEY: {
+                    **asdict(self), "config": cfg.run.to_dict(),
+                    "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
 
     @classmethod
-    def from_client_state(cls, client_state: dict) -> "RunState":
-        saved = client_state.get("opt_ds")
-        if saved is None:
-            raise checkpoint.CheckpointError("the checkpoint has no opt_ds run state (step, data position); "
-                                             "it was not written by `opt-ds train`")
+    def from_saved(cls, saved: dict) -> "RunState":
         names = [f for f in cls.__dataclass_fields__ if f in saved]      # older checkpoints lack the newer fields
         return cls(**{name: saved[name] for name in names})
 
@@ -66,7 +66,20 @@ def build_datasets(cfg: ResolvedConfig):
         * run.batch.global_batch_size
     return build_indexed(blend=[(entry.path, entry.weight) for entry in run.data.train], split=run.data.split,
                          seq_length=seq, seed=run.train.seed, num_train_samples=steps * run.batch.global_batch_size,
-                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir)
+                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir,
+                         vocab_size=cfg.shape.vocab_size)
+
+
+def run_tokenizer(cfg: ResolvedConfig):
+    """data.tokenizer if set, else the tokenizer saved beside the first corpus, else OPT's."""
+    from opt_ds.data.tokenizer import BPETokenizer
+    data = cfg.run.data
+    if data.tokenizer:
+        return BPETokenizer.load(data.tokenizer)
+    if data.train:
+        from opt_ds.data.datasets import dataset_tokenizer
+        return dataset_tokenizer(data.train[0].path)
+    return BPETokenizer.load("opt")
 
 
 def peak_memory_gib() -> float:
@@ -79,14 +92,22 @@ class Trainer:
     def __init__(self, cfg: ResolvedConfig):
         self.cfg = cfg
         run = cfg.run
-        self.engine = build_engine(cfg)
+        self.resume_point = checkpoint.find_resume_point(run.train.save_dir, run.train.load_dir,
+                                                          run.train.load_tag)
+        if self.resume_point is not None:
+            checkpoint.check_compatible(self.resume_point, cfg.shape, cfg.layout)
+        universal = self.resume_point is not None and self.resume_point.kind == "universal"
+        self.engine = build_engine(cfg, load_universal=universal)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.state = RunState()
         self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
         self.train_data, self.valid_data = build_datasets(cfg)
+        self.recomputed_layers = self._recomputed_layers()
         self.supervisor = Supervisor(self)
-        self.supervisor.start(self._resume_if_possible())
+        if self.resume_point is not None:
+            self._resume(self.resume_point)
+        self.supervisor.start(self.resume_point)
 
     # --- data ------------------------------------------------------------------------------------
 
@@ -98,22 +119,15 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------------
 
-    def _resume_if_possible(self) -> Optional[str]:
-        """Load the checkpoint to resume from, if any; returns its tag."""
-        train = self.cfg.run.train
-        load_dir = train.load_dir or train.save_dir
-        tag = train.load_tag or (checkpoint.latest_tag(load_dir) if load_dir else None)
-        if load_dir is None or tag is None:
-            if train.load_dir is not None:
-                raise checkpoint.CheckpointError(
-                    f"train.load_dir={train.load_dir} holds no checkpoint ('latest' is missing); fix the path "
-                    "or drop train.load_dir to start from scratch")
-            return None
-        client_state = checkpoint.load(self.engine, load_dir, tag, verify=self.cfg.run.checkpoint.verify)
-        self.state = RunState.from_client_state(client_state)
+    def _resume(self, point) -> None:
+        checkpoint.load(self.engine, point, verify=self.cfg.run.checkpoint.verify)
+        if point.kind == "weights" or point.run_state is None:
+            self.metrics.log("resume", 0, checkpoint=str(point.folder), kind=point.kind,
+                             note="weights only: optimizer state, LR schedule and data position start afresh")
+            return
+        self.state = RunState.from_saved(point.run_state)
         self.engine.module.micro_offset = self.state.micro_offset
-        self.metrics.log("resume", self.state.step, checkpoint=str(load_dir), tag=tag)
-        return tag
+        self.metrics.log("resume", self.state.step, checkpoint=str(point.folder), kind=point.kind, tag=point.tag)
 
     def save(self) -> None:
         self.state.micro_offset = self.engine.module.micro_offset
@@ -124,6 +138,12 @@ class Trainer:
         self.supervisor.after_save(path)
 
     # --- steps -----------------------------------------------------------------------------------
+
+    def _recomputed_layers(self) -> int:
+        """Decoder layers, over all stages, whose forward DeepSpeed re-runs in the backward pass."""
+        count = torch.tensor(recomputed_decoder_layers(self.engine.module), dtype=torch.long)
+        dist.all_reduce(count, group=self.engine.grid.get_pipe_parallel_group())
+        return int(count)
 
     def train_step(self, batches) -> dict:
         self.supervisor.before_step()
@@ -137,7 +157,6 @@ class Trainer:
     def step_metrics(self, loss: float, lr: float, seconds: float) -> dict:
         run, shape = self.cfg.run, self.cfg.shape
         batch, seq = run.batch.global_batch_size, run.batch.seq_length
-        recompute = run.parallel.activation_checkpoint_interval > 0
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "loss": loss,
@@ -145,9 +164,9 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_seconds": seconds,
             "tokens_per_second": batch * seq / seconds,
-            "model_tflops_per_gpu": flops.model_flops(shape, batch, seq) / seconds / self.world_size / 1e12,
-            "hardware_tflops_per_gpu":
-                flops.hardware_flops(shape, batch, seq, recompute) / seconds / self.world_size / 1e12,
+            "model_tflops_per_gpu": flops.model_flops(shape, batch, seq).flops / seconds / self.world_size / 1e12,
+            "hardware_tflops_per_gpu": flops.hardware_flops(shape, batch, seq, self.recomputed_layers).flops
+            / seconds / self.world_size / 1e12,
             "peak_memory_gib": peak_memory_gib(),
         }
         loss_scale = getattr(self.engine.optimizer, "cur_scale", None) if run.precision.dtype == "fp16" else None
@@ -165,10 +184,23 @@ class Trainer:
         self.metrics.log("eval", self.state.step, **result)
         return result
 
+    def sample(self) -> str:
+        from opt_ds.train.generate import sample_text
+        run = self.cfg.run
+        sample = run.sample
+        text = sample_text(self.engine, run_tokenizer(self.cfg), sample.prompt,
+                           seq_length=run.batch.seq_length, micro_batch=run.batch.micro_batch_size,
+                           max_new_tokens=sample.max_new_tokens, top_p=sample.top_p,
+                           temperature=sample.temperature, seed=sample.seed)
+        self.metrics.log("sample", self.state.step, prompt=sample.prompt, text=text)
+        return text
+
     def train(self) -> dict:
         train = self.cfg.run.train
         self.metrics.log("start", self.state.step, layout=str(self.cfg.layout),
-                         flops_formula=flops.MODEL_FLOPS_FORMULA,
+                         flops_formulas={"model_tflops_per_gpu": flops.MODEL_FORMULA,
+                                         "hardware_tflops_per_gpu": flops.HARDWARE_FORMULA},
+                         recomputed_layers=self.recomputed_layers,
                          parameters=analytic_parameter_count(self.cfg.shape), config=self.cfg.run.to_dict())
         if train.eval_interval and self.state.step == 0:
             self.evaluate()
@@ -194,6 +226,8 @@ class Trainer:
             last["eval"] = self.evaluate()
         if train.save_dir:
             self.save()
+        if self.cfg.run.sample.prompt:
+            self.sample()
         self.metrics.log("end", self.state.step)
         self.metrics.close()
         self.supervisor.close()

@@ -84,22 +84,21 @@ class Supervisor:
 
     # --- start ---------------------------------------------------------------------------------
 
-    def start(self, resumed_tag: Optional[str]) -> None:
-        """After the engine is built and any resume is loaded: restore the health state, re-apply the LR and
-        clipping of the run state, and make the save folder hold this run's trajectory only (rollback picks
-        from it): checkpoints that are not behind the resumed one go to `<save_dir>/abandoned/`."""
+    def start(self, resumed) -> None:
+        """After the engine is built and any resume (a checkpoint.ResumePoint) is loaded: restore the health
+        state, re-apply the LR and clipping of the run state, and make the save folder hold this run's
+        trajectory only (rollback picks from it): checkpoints not behind the resumed one go to abandoned/."""
         t, train = self.trainer, self.run.train
         self.monitor.load_state_dict(t.state.health)
         apply_optimizer_settings(t.engine, self.run, t.state)
         if t.rank == 0 and train.save_dir:
             signals.clear_marker(train.save_dir)
-            resumed_here = resumed_tag is not None and \
-                Path(train.load_dir or train.save_dir).resolve() == Path(train.save_dir).resolve()
+            resumed_here = resumed is not None and resumed.directory.resolve() == Path(train.save_dir).resolve()
             moved = checkpoint.set_aside_newer(train.save_dir, t.state.step if resumed_here else -1)
             if moved:
                 if resumed_here:
-                    checkpoint.point_latest(train.save_dir, resumed_tag)
-                origin = f"resumed from {resumed_tag}" if resumed_tag else "started from scratch"
+                    checkpoint.point_latest(train.save_dir, resumed.tag)
+                origin = f"resumed from {resumed.folder}" if resumed else "started from scratch"
                 print(f"[opt_ds] WARNING: {origin}: the checkpoints {', '.join(moved)} in {train.save_dir} belong "
                       f"to another trajectory and were moved to {Path(train.save_dir) / checkpoint.ABANDONED}",
                       flush=True)
@@ -222,8 +221,9 @@ class Supervisor:
         t, rec, run = self.trainer, self.run.recovery, self.run
         before = t.state
         detected = before.step
-        client_state = checkpoint.load(t.engine, run.train.save_dir, target.tag, verify="none")   # just verified
-        restored = type(before).from_client_state(client_state)
+        point = checkpoint.describe(Path(run.train.save_dir), target.tag)
+        checkpoint.load(t.engine, point, verify="none")             # just verified
+        restored = type(before).from_saved(point.run_state)
         optimization = not verdict.hardware_only
         skip = optimization and rec.skip_data
         lr_factor = rec.lr_factor if optimization else 1.0

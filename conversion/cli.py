@@ -1,0 +1,67 @@
+"""Convert OPT checkpoints between metaseq, opt_ds (DeepSpeed pipeline, any TP/PP), Hugging Face and
+DeepSpeed universal checkpoints, and prove each conversion by comparing logits.
+
+examples:
+  opt-ds convert facebook-opt-125m/ ckpt/ --to opt_ds --tp 2 --pp 2
+  opt-ds convert 125m/reshard-model_part-0.pt hf-125m/ --to hf
+  opt-ds convert ckpt/ released/ --to metaseq --tp 2 --dtype fp16
+  opt-ds convert run/checkpoints/ run/universal/ --to universal      # keeps the optimizer state
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from conversion.convert import DTYPES, FORMATS, Options, convert
+from conversion.files import ConversionError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("source", help="checkpoint to read: a directory (HF, opt_ds, universal, metaseq) or a "
+                                       "metaseq .pt file (for MP parts, any one part)")
+    parser.add_argument("destination", help="directory to write; must be new or empty (see --force)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
+    parser.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (default: detected)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of an opt_ds target, or number "
+                                                           "of metaseq MP parts (default 1)")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline stages of an opt_ds target (default 1)")
+    parser.add_argument("--tag", default="global_step0", help="tag of an opt_ds target (default global_step0)")
+    parser.add_argument("--src-tag", help="tag to read from an opt_ds source (default: the one `latest` names)")
+    parser.add_argument("--num-heads", type=int, help="attention heads, for sources that do not record them")
+    parser.add_argument("--dtype", choices=list(DTYPES), help="cast every floating tensor (default: keep each "
+                                                              "tensor's dtype; metaseq releases mix fp16 and fp32)")
+    parser.add_argument("--metaseq-layout", choices=("parts", "restored"), default="parts",
+                        help="metaseq target: reshard-model_part-K.pt with fused K,V,Q (metaseq's own loader, "
+                             "reshard_mp) or a single restored.pt with separate q/k/v (HF's converter)")
+    parser.add_argument("--max-shard-size", type=int, default=5, help="HF target: GiB per safetensors file")
+    parser.add_argument("--dry-run", action="store_true", help="print the key mapping and write nothing")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the logit comparison after writing (it loads both models in fp32)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = Options(to=args.to, src_format=args.src_format, tp=args.tp, pp=args.pp, tag=args.tag,
+                      src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
+                      metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
+                      force=args.force, verify=args.verify, dry_run=args.dry_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        try:
+            return convert(args.source, args.destination, options)
+        except ConversionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="opt-ds convert", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Hugging Face OPT directories: `config.json` + safetensors (single or sharded) or pytorch_model.bin.
+
+Reading accepts what circulates (HF #43159, TGI #2197, PiPPy PR #779): keys with the `model.` prefix
+(OPTForCausalLM) or without it (OPTModel, as HF's own metaseq converter saves), and `lm_head.weight`
+present or absent; a present head must equal the embedding, since OPT ties them. Writing produces what
+`OPTForCausalLM.save_pretrained` does: `model.decoder.*` keys, no `lm_head`, `tie_word_embeddings: true`.
+Safetensors files are read tensor by tensor and written in shards of at most `max_shard_bytes`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID, OPTShape
+
+from conversion import canonical as C
+from conversion.canonical import Checkpoint
+from conversion.files import ConversionError, load_torch
+from conversion.progress import progress
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+LM_HEAD = "lm_head.weight"
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# --- config.json <-> OPTShape --------------------------------------------------------------------------
+
+def shape_from_config(config: dict, where: str) -> OPTShape:
+    if config.get("model_type") != "opt":
+        raise ConversionError(f"{where}: model_type is {config.get('model_type')!r}, not 'opt'; only OPT models "
+                              "convert")
+    unsupported = [(k, v, want) for k, want in (("activation_function", "relu"), ("enable_bias", True),
+                                                 ("layer_norm_elementwise_affine", True))
+                   if (v := config.get(k, want)) != want]
+    if config.get("do_layer_norm_before", True) and config.get("_remove_final_layer_norm", False):
+        unsupported.append(("_remove_final_layer_norm", True, False))
+    if unsupported:
+        raise ConversionError(f"{where}: {', '.join(f'{k}={v!r}' for k, v, _ in unsupported)} is not an OPT variant "
+                              f"opt_ds implements (it needs {', '.join(f'{k}={w!r}' for k, _, w in unsupported)})")
+    try:
+        hidden = config.get("hidden_size", config.get("d_model"))
+        proj = config.get("word_embed_proj_dim") or hidden
+        return OPTShape(num_layers=config["num_hidden_layers"], hidden_size=hidden,
+                        num_heads=config["num_attention_heads"], ffn_hidden_size=config["ffn_dim"],
+                        vocab_size=config["vocab_size"], max_position_embeddings=config["max_position_embeddings"],
+                        word_embed_proj_dim=proj if proj != hidden else None,
+                        pre_layer_norm=config.get("do_layer_norm_before", True),
+                        dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
+                        init_std=config.get("init_std", 0.02))
+    except KeyError as err:
+        raise ConversionError(f"{where}: config.json lacks {err.args[0]!r}; it is not a complete OPT config") from None
+
+
+def config_from_shape(shape: OPTShape, dtype: torch.dtype) -> dict:
+    """config.json as transformers' OPTConfig writes it (readable by transformers 4.x and 5.x)."""
+    return {
+        "_remove_final_layer_norm": False, "activation_function": "relu", "architectures": ["OPTForCausalLM"],
+        "attention_dropout": shape.attention_dropout, "bos_token_id": BOS_ID, "do_layer_norm_before": shape.pre_layer_norm,
+        "dropout": shape.dropout, "enable_bias": True, "eos_token_id": EOS_ID, "ffn_dim": shape.ffn_hidden_size,
+        "hidden_size": shape.hidden_size, "init_std": shape.init_std, "layer_norm_elementwise_affine": True,
+        "layerdrop": 0.0, "max_position_embeddings": shape.max_position_embeddings, "model_type": "opt",
+        "num_attention_heads": shape.num_heads, "num_hidden_layers": shape.num_layers, "pad_token_id": PAD_ID,
+        "prefix": "</s>", "tie_word_embeddings": True, "torch_dtype": DTYPE_NAMES.get(dtype, "float32"),
+        "use_cache": True, "vocab_size": shape.vocab_size, "word_embed_proj_dim": shape.embed_dim,
+    }
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+class _WeightFiles:
+    """Name -> tensor access over the weight files of an HF directory, loading each tensor on demand."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files = self._weight_files()
+        self.location: Dict[str, Path] = {}
+        self.shapes: Dict[str, tuple] = {}
+        self._torch_states: Dict[Path, dict] = {}
+        self._safetensors: Dict[Path, object] = {}
+        for path in self.files:
+            for name, shape in self._list(path).items():
+                self.location[name] = path
+                self.shapes[name] = shape
+
+    def _weight_files(self) -> List[Path]:
+        d = self.directory
+        for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                              ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            if (d / index).is_file():
+                try:
+                    weight_map = json.loads((d / index).read_text())["weight_map"]
+                except (ValueError, KeyError) as err:
+                    raise ConversionError(f"{d / index}: not a valid weight index ({err})") from None
+                files = sorted({d / name for name in weight_map.values()})
+                missing = [p.name for p in files if not p.is_file()]
+                if missing:
+                    raise ConversionError(f"{d}: shard file(s) {', '.join(missing)} listed in {index} are missing; "
+                                          "download the complete model directory")
+                return files
+            if (d / single).is_file():
+                return [d / single]
+        raise ConversionError(f"{d}: no model.safetensors, pytorch_model.bin or their sharded index; not a "
+                              "Hugging Face model directory")
+
+    def _list(self, path: Path) -> Dict[str, tuple]:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(str(path), "pt") as f:
+                    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except (SafetensorError, OSError) as err:
+                raise ConversionError(f"{path}: cannot be read as safetensors ({err}); the file is truncated or "
+                                      "corrupt: download it again") from None
+        state = load_torch(path, weights_only=True)     # a plain state dict: no need to trust pickles
+        if not isinstance(state, dict):
+            raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        self._torch_states[path] = state
+        return {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.location[name]
+        if path.suffix == ".safetensors":
+            if path not in self._safetensors:
+                from safetensors import safe_open
+                self._safetensors[path] = safe_open(str(path), "pt")
+            return self._safetensors[path].get_tensor(name)
+        return self._torch_states[path][name]
+
+
+def canonical_name(name: str) -> Optional[str]:
+    """HF key (with or without `model.`) -> canonical key; None for the tied head."""
+    if name == LM_HEAD:
+        return None
+    return name if name.startswith(C.PREFIX) else "model." + name
+
+
+class HFReader:
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        config_path = self.directory / "config.json"
+        if not config_path.is_file():
+            raise ConversionError(f"{self.directory}: no config.json; not a Hugging Face model directory")
+        try:
+            self.config = json.loads(config_path.read_text())
+        except ValueError as err:
+            raise ConversionError(f"{config_path}: not valid JSON ({err})") from None
+        self.shape = shape_from_config(self.config, str(config_path))
+        self.weights = _WeightFiles(self.directory)
+        self.names = {canonical_name(n): n for n in self.weights.shapes if canonical_name(n) is not None}
+        if LM_HEAD in self.weights.shapes:
+            self._check_tied_head()
+
+    def _check_tied_head(self):
+        head = self.weights.get(LM_HEAD)
+        embedding = self.weights.get(self.names[C.EMBED_TOKENS]) if C.EMBED_TOKENS in self.names else None
+        if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
+            raise ConversionError(f"{self.directory}: lm_head.weight differs from the token embedding; OPT ties them "
+                                  "and opt_ds has no separate output layer, so this model cannot convert")
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self.weights.get(self.names[key])
+
+    def read_globals(self) -> Dict[str, torch.Tensor]:
+        return {k: self._get(k) for k in C.global_shapes(self.shape) if k in self.names}
+
+    def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
+        return {n: self._get(C.layer_key(layer, n)) for n in C.LAYER_NAMES if C.layer_key(layer, n) in self.names}
+
+    def checkpoint(self) -> Checkpoint:
+        sources = {key: f"{self.weights.location[name].name}: {name}" for key, name in self.names.items()}
+        shapes = {key: self.weights.shapes[name] for key, name in self.names.items()}
+        return Checkpoint(self.shape, f"Hugging Face model {self.directory}", self.read_globals, self.read_layer,
+                          sources, shapes)
+
+
+def read(directory) -> Checkpoint:
+    return HFReader(directory).checkpoint()
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+def _tensors_in_order(ckpt: Checkpoint):
+    """(canonical key, tensor) for the whole model, one decoder layer in memory at a time."""
+    globals_ = ckpt.globals()
+    yield from ((k, v) for k, v in globals_.items() if k in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
+    for layer in progress(range(ckpt.shape.num_layers), desc="HF layers"):
+        yield from ((C.layer_key(layer, n), t) for n, t in ckpt.layer(layer).items())
+    yield from ((k, v) for k, v in globals_.items() if k not in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
+
+
+def write(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    from safetensors.torch import save_file
+    dst = Path(dst)
+    written: List[List[str]] = []       # keys of each shard file, in order
+    shard: Dict[str, torch.Tensor] = {}
+    bytes_by_dtype: Dict[torch.dtype, int] = {}
+
+    def flush():
+        save_file(shard, str(dst / f"shard-{len(written)}.tmp"), metadata={"format": "pt"})
+        written.append(list(shard))
+        shard.clear()
+
+    for key, tensor in _tensors_in_order(ckpt):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and sum(t.numel() * t.element_size() for t in shard.values()) + nbytes > max_shard_bytes:
+            flush()
+        shard[key] = tensor.contiguous()
+        bytes_by_dtype[tensor.dtype] = bytes_by_dtype.get(tensor.dtype, 0) + nbytes
+    flush()
+
+    if len(written) == 1:
+        (dst / "shard-0.tmp").rename(dst / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, keys in enumerate(written):
+            name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            (dst / f"shard-{i}.tmp").rename(dst / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": sum(bytes_by_dtype.values())}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    main_dtype = max(bytes_by_dtype, key=bytes_by_dtype.get)
+    (dst / "config.json").write_text(json.dumps(config_from_shape(ckpt.shape, main_dtype), indent=2) + "\n")
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def target_locations(shape: OPTShape) -> Dict[str, str]:
+    return {key: f"model*.safetensors: {key}" for key in C.expected_shapes(shape)}

@@ -1,0 +1,381 @@
+"""opt_ds checkpoints: the files DeepSpeed's PipelineEngine writes and reads for `opt_ds.parallel.pipe`.
+
+    <dir>/latest                                     the tag, e.g. global_step1000
+    <dir>/<tag>/layer_XX-model_YY-model_states.pt    state_dict of pipeline layer XX, TP rank YY
+    <dir>/<tag>/mp_rank_ZZ_model_states.pt           engine metadata per (stage, TP rank), ZZ = stage*TP + tp
+    <dir>/<tag>/zero_pp_rank_D_mp_rank_ZZ_optim_states.pt   ZeRO optimizer partitions (training only)
+
+Layer XX: 0 token embedding (vocab rows split over TP), 1 positions (+ project_in), 2..L+1 decoder layers,
+L+2 final LayerNorm / project_out. The writer names files through DeepSpeed's own topology, so they are
+the names a real engine at the target layout looks for; the reader infers TP from the files of layer 0
+and PP from the mp_rank files, and checks both against the metadata DeepSpeed recorded.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from opt_ds.models.presets import OPTShape
+from opt_ds.parallel.checkpoint_info import checkpoint_client_state, shape_from_client_state
+from opt_ds.parallel.pipe import decoder_layer_index, final_layer_index
+
+from conversion import canonical as C
+from conversion.canonical import Checkpoint
+from conversion.files import ConversionError, load_torch, save_torch
+from conversion.progress import progress
+from conversion.sharding import check_same, chunk, fuse_qkv_per_head, pad_rows, padded_rows, split_qkv_per_head
+
+LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+EMBEDDING_INDEX, POSITIONS_INDEX = 0, 1
+DEFAULT_TAG = "global_step0"
+
+# Tensor-parallel split dimension of each opt_ds tensor; any other tensor is replicated on every TP rank.
+SPLIT_DIM = {"word_embeddings.weight": 0, "self_attn.qkv.weight": 0, "self_attn.qkv.bias": 0,
+             "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "self_attn.out_proj.weight": 1, "mlp.fc2.weight": 1}
+
+# Decoder-layer tensors that keep their meaning, canonical (HF) name -> opt_ds name. q/k/v fuse into qkv.
+DECODER_RENAMES = {
+    "self_attn_layer_norm.weight": "self_attn_layer_norm.weight",
+    "self_attn_layer_norm.bias": "self_attn_layer_norm.bias",
+    "self_attn.out_proj.weight": "self_attn.out_proj.weight", "self_attn.out_proj.bias": "self_attn.out_proj.bias",
+    "final_layer_norm.weight": "final_layer_norm.weight", "final_layer_norm.bias": "final_layer_norm.bias",
+    "fc1.weight": "mlp.fc1.weight", "fc1.bias": "mlp.fc1.bias", "fc2.weight": "mlp.fc2.weight", "fc2.bias": "mlp.fc2.bias",
+}
+# Global canonical key -> (which layer file, name inside it).
+GLOBAL_NAMES = {
+    C.EMBED_TOKENS: ("embedding", "word_embeddings.weight"),
+    C.EMBED_POSITIONS: ("positions", "embed_positions.weight"),
+    C.PROJECT_IN: ("positions", "project_in.weight"),
+    C.FINAL_NORM_WEIGHT: ("final", "final_layer_norm.weight"),
+    C.FINAL_NORM_BIAS: ("final", "final_layer_norm.bias"),
+    C.PROJECT_OUT: ("final", "project_out.weight"),
+}
+
+
+# --- canonical <-> opt_ds layer states (full tensors, before TP cutting) -------------------------------
+
+def decoder_to_opt_ds(layer: Dict[str, torch.Tensor], num_heads: int) -> Dict[str, torch.Tensor]:
+    """A canonical decoder layer as opt_ds's OPTDecoderLayer.state_dict() at TP=1, in module order."""
+    attention = {f"self_attn.qkv.{w}": fuse_qkv_per_head(*(layer[f"self_attn.{p}.{w}"] for p in C.ATTENTION_INPUTS),
+                                                          num_heads) for w in ("weight", "bias")}
+    renamed = {ours: layer[theirs] for theirs, ours in DECODER_RENAMES.items()}
+    order = ["self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "self_attn.qkv.weight", "self_attn.qkv.bias",
+             "self_attn.out_proj.weight", "self_attn.out_proj.bias", "final_layer_norm.weight",
+             "final_layer_norm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    merged = {**attention, **renamed}
+    return {name: merged[name] for name in order}
+
+
+def decoder_from_opt_ds(state: Dict[str, torch.Tensor], num_heads: int) -> Dict[str, torch.Tensor]:
+    layer = {theirs: state[ours] for theirs, ours in DECODER_RENAMES.items() if ours in state}
+    for w in ("weight", "bias"):
+        fused = state.get(f"self_attn.qkv.{w}")
+        if fused is not None:
+            q, k, v = split_qkv_per_head(fused, num_heads)
+            layer.update({f"self_attn.q_proj.{w}": q, f"self_attn.k_proj.{w}": k, f"self_attn.v_proj.{w}": v})
+    return layer
+
+
+def special_layer_index(role: str, shape: OPTShape) -> int:
+    return {"embedding": EMBEDDING_INDEX, "positions": POSITIONS_INDEX, "final": final_layer_index(shape)}[role]
+
+
+def full_layer_states(ckpt: Checkpoint, vocab_rows: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
+    """(pipeline layer index, full TP=1 state) for every layer file, embedding rows padded to `vocab_rows`."""
+    shape = ckpt.shape
+    globals_ = ckpt.globals()
+    special = {role: {} for role in ("embedding", "positions", "final")}
+    for key, tensor in globals_.items():
+        role, name = GLOBAL_NAMES[key]
+        special[role][name] = tensor
+    special["embedding"]["word_embeddings.weight"] = pad_rows(globals_[C.EMBED_TOKENS], vocab_rows)
+    yield EMBEDDING_INDEX, special["embedding"]
+    yield POSITIONS_INDEX, special["positions"]
+    for layer in range(shape.num_layers):
+        yield decoder_layer_index(layer), decoder_to_opt_ds(ckpt.layer(layer), shape.num_heads)
+    yield final_layer_index(shape), special["final"]
+
+
+def shard_state(state: Dict[str, torch.Tensor], tp: int) -> List[Dict[str, torch.Tensor]]:
+    """Cut one full layer state into the state of each TP rank."""
+    ranks = [{} for _ in range(tp)]
+    for name, tensor in state.items():
+        pieces = chunk(tensor, tp, SPLIT_DIM[name]) if name in SPLIT_DIM else [tensor] * tp
+        for rank, piece in zip(ranks, pieces):
+            rank[name] = piece
+    return ranks
+
+
+def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool = True) -> Dict[str, torch.Tensor]:
+    """The inverse of shard_state; replicated tensors must agree on every rank (unless compare=False)."""
+    names = list(ranks[0])
+    for rank, state in enumerate(ranks[1:], start=1):
+        if list(state) != names:
+            raise ConversionError(f"{where}: TP rank {rank} holds tensors {sorted(state)} but rank 0 holds "
+                                  f"{sorted(names)}; the files come from different models")
+    merged = {}
+    for name in names:
+        pieces = [state[name] for state in ranks]
+        if name in SPLIT_DIM:
+            merged[name] = torch.cat(pieces, dim=SPLIT_DIM[name])
+        else:
+            merged[name] = check_same(pieces, f"{where}: {name}") if compare else pieces[0]
+    return merged
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+def check_layout(shape: OPTShape, tp: int, pp: int) -> None:
+    """The TP / PP degrees a model of this shape can be cut into (vocabulary rows are padded instead)."""
+    if tp < 1 or pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
+    divisors = lambda n: ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)  # noqa: E731
+    if shape.num_heads % tp:
+        raise ConversionError(f"--tp {tp} does not divide the {shape.num_heads} attention heads; use one of "
+                              f"{divisors(shape.num_heads)}")
+    if shape.ffn_hidden_size % tp:
+        raise ConversionError(f"--tp {tp} does not divide the FFN size {shape.ffn_hidden_size}")
+    if pp > shape.num_layers:
+        raise ConversionError(f"--pp {pp} is more pipeline stages than the {shape.num_layers} decoder layers; "
+                              f"use at most {shape.num_layers}")
+
+
+def layer_file_name(index: int, tp_rank: int, topology) -> str:
+    """DeepSpeed's `PipelineModule.ckpt_layer_path` name for this layer and TP rank."""
+    rank = topology.get_rank(pipe=0, data=0, model=tp_rank)
+    repr_ = topology.get_rank_repr(rank=rank)
+    return f"layer_{index:02d}" + (f"-{repr_}" if repr_ else "") + "-model_states.pt"
+
+
+def mp_rank_state(shape: OPTShape, original_vocab_size: int, tp: int, pp: int) -> dict:
+    """The engine metadata file of a weights-only checkpoint (what `engine.load_checkpoint` reads)."""
+    import deepspeed
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_PP_DEGREE, CHECKPOINT_TP_DEGREE
+    return {"module": None,             # pipeline weights live in the layer files
+            "buffer_names": [], "optimizer": None, "param_shapes": None, "frozen_param_shapes": None,
+            "shared_params": None, "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None,
+            "random_ltd": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
+            "dp_world_size": 1, "mp_world_size": tp * pp,
+            CHECKPOINT_PARALLEL_DIMS: {CHECKPOINT_PP_DEGREE: pp, CHECKPOINT_TP_DEGREE: tp},
+            "ds_config": None, "ds_version": deepspeed.__version__,
+            **checkpoint_client_state(shape, original_vocab_size)}
+
+
+def write(ckpt: Checkpoint, dst: Path, *, tp: int = 1, pp: int = 1, tag: str = DEFAULT_TAG) -> None:
+    """Write `ckpt` as a weights-only opt_ds checkpoint for a TP x PP layout (any DP)."""
+    from opt_ds.parallel.layout import ParallelLayout
+    shape = ckpt.shape
+    check_layout(shape, tp, pp)
+    rows = padded_rows(shape.vocab_size, tp)
+    topology = ParallelLayout(tp, pp, 1).topology()
+    tag_dir = Path(dst) / tag
+    tag_dir.mkdir(parents=True)
+    for index, state in progress(full_layer_states(ckpt, rows), total=shape.num_layers + 3, desc="opt_ds layers"):
+        for rank, piece in enumerate(shard_state(state, tp)):
+            save_torch(piece, tag_dir / layer_file_name(index, rank, topology))
+    meta = mp_rank_state(shape.replace(vocab_size=rows), shape.vocab_size, tp, pp)
+    for model_rank in range(tp * pp):
+        save_torch(meta, tag_dir / f"mp_rank_{model_rank:02d}_model_states.pt")
+    (Path(dst) / "latest").write_text(tag)
+
+
+def target_locations(shape: OPTShape, tp: int) -> Dict[str, str]:
+    """Canonical key -> where the writer puts it (for --dry-run)."""
+    files = lambda index: f"layer_{index:02d}-model_{{00..{tp - 1:02d}}}" if tp > 1 else f"layer_{index:02d}-model_00"  # noqa: E731
+    return {key: describe_location(key, shape, files, tp) for key in C.expected_shapes(shape)}
+
+
+def describe_location(key: str, shape: OPTShape, files, tp: int) -> str:
+    if key in GLOBAL_NAMES:
+        role, name = GLOBAL_NAMES[key]
+        index = special_layer_index(role, shape)
+    else:
+        layer, rel = _split_layer_key(key)
+        index = decoder_layer_index(layer)
+        if rel.startswith("self_attn.") and rel.split(".")[1] in C.ATTENTION_INPUTS:
+            part, w = rel.split(".")[1:]
+            name = f"self_attn.qkv.{w} ({part[0]} rows of each head, [np,3,hn])"
+        else:
+            name = DECODER_RENAMES[rel]
+    split = SPLIT_DIM.get(name.split(" ")[0])
+    how = "whole" if tp == 1 else f"split dim {split} over {tp} TP ranks" if split is not None else "replicated"
+    return f"{files(index)}: {name} [{how}]"
+
+
+def _split_layer_key(key: str) -> Tuple[int, str]:
+    rest = key[len(C.PREFIX + "layers."):]
+    layer, rel = rest.split(".", 1)
+    return int(layer), rel
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+def resolve_tag_dir(path: Path, tag: Optional[str]) -> Path:
+    """The directory holding the layer files: `path` itself, `path/<tag>`, or `path/<contents of latest>`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: an opt_ds checkpoint is a directory (with a `latest` file)")
+    if tag is not None:
+        tag_dir = path / tag
+        if not tag_dir.is_dir():
+            raise ConversionError(f"{path}: no checkpoint tag {tag!r} (found {', '.join(_tags(path)) or 'none'})")
+        return tag_dir
+    if any(LAYER_FILE.match(p.name) for p in path.iterdir()):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        tag_dir = path / latest.read_text().strip()
+        if not tag_dir.is_dir():
+            raise ConversionError(f"{latest} names tag {tag_dir.name!r}, which does not exist in {path}; pass --tag")
+        return tag_dir
+    tags = _tags(path)
+    if len(tags) == 1:
+        return path / tags[0]
+    raise ConversionError(f"{path}: no `latest` file; pass --tag (found tags: {', '.join(tags) or 'none'})")
+
+
+def _tags(path: Path) -> List[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and any(LAYER_FILE.match(q.name) for q in p.iterdir()))
+
+
+def scan(tag_dir: Path) -> Tuple[Dict[int, Dict[int, Path]], List[Path], bool]:
+    """Layer files by (index, TP rank), the mp_rank files in order, and whether ZeRO files are present."""
+    layers: Dict[int, Dict[int, Path]] = {}
+    mp_ranks: Dict[int, Path] = {}
+    has_zero = False
+    for p in tag_dir.iterdir():
+        if m := LAYER_FILE.match(p.name):
+            layers.setdefault(int(m.group(1)), {})[int(m.group(2) or 0)] = p
+        elif m := MP_RANK_FILE.match(p.name):
+            mp_ranks[int(m.group(1))] = p
+        elif ZERO_FILE.match(p.name):
+            has_zero = True
+    if not layers:
+        raise ConversionError(f"{tag_dir}: no layer_XX-model_YY-model_states.pt files; not an opt_ds checkpoint")
+    indices = sorted(layers)
+    if indices != list(range(indices[-1] + 1)):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        raise ConversionError(f"{tag_dir}: layer files {', '.join(f'layer_{i:02d}' for i in missing)} are missing; "
+                              "copy the complete checkpoint directory")
+    tp = len(layers[EMBEDDING_INDEX])
+    for index in indices:
+        if sorted(layers[index]) != list(range(tp)):
+            missing = sorted(set(range(tp)) - set(layers[index]))
+            raise ConversionError(
+                f"{tag_dir}: layer_{index:02d} has TP ranks {sorted(layers[index])} but layer_00 has "
+                f"{list(range(tp))}: the file(s) for TP rank(s) {missing} "
+                f"(layer_{index:02d}-model_{(missing or [tp])[0]:02d}-model_states.pt) are missing; copy the "
+                "complete checkpoint directory")
+    if sorted(mp_ranks) != list(range(len(mp_ranks))):
+        raise ConversionError(f"{tag_dir}: mp_rank files {sorted(mp_ranks)} are not numbered 0..N-1; some are missing")
+    return layers, [mp_ranks[i] for i in sorted(mp_ranks)], has_zero
+
+
+class OptDsReader:
+    """Reads an opt_ds checkpoint of any TP x PP layout into the canonical form."""
+
+    def __init__(self, path, tag: Optional[str] = None, num_heads: Optional[int] = None):
+        self.tag_dir = resolve_tag_dir(Path(path), tag)
+        self.layers, mp_files, self.has_optimizer_state = scan(self.tag_dir)
+        self.tp = len(self.layers[EMBEDDING_INDEX])
+        self.meta = load_torch(mp_files[0]) if mp_files else {}
+        self.pp = self._pipeline_degree(mp_files)
+        self._loaded: Dict[int, List[dict]] = {}
+        stored_shape = shape_from_client_state(self.meta) or self._infer_shape(num_heads)
+        if num_heads is not None and num_heads != stored_shape.num_heads:
+            raise ConversionError(f"--num-heads {num_heads} contradicts the {stored_shape.num_heads} heads recorded "
+                                  f"in {mp_files[0]}; drop --num-heads")
+        self.padded_vocab = stored_shape.vocab_size
+        info = self.meta.get("universal_checkpoint_info") or {}
+        self.shape = stored_shape.replace(vocab_size=info.get("original_vocab_size", stored_shape.vocab_size))
+        if final_layer_index(self.shape) != max(self.layers):
+            raise ConversionError(f"{self.tag_dir}: {max(self.layers) + 1} layer files but the recorded model has "
+                                  f"{self.shape.num_layers} decoder layers (expected {final_layer_index(self.shape) + 1} "
+                                  "files); the checkpoint is incomplete or its metadata belongs to another model")
+
+    def _pipeline_degree(self, mp_files: List[Path]) -> int:
+        if not mp_files:
+            raise ConversionError(f"{self.tag_dir}: no mp_rank_XX_model_states.pt files; the checkpoint is "
+                                  "incomplete (DeepSpeed cannot load it either)")
+        if len(mp_files) % self.tp:
+            raise ConversionError(f"{self.tag_dir}: {len(mp_files)} mp_rank files is not a multiple of the TP degree "
+                                  f"{self.tp} found from the layer files; some files are missing")
+        pp = len(mp_files) // self.tp
+        recorded = self.meta.get("checkpoint_parallel_dimensions") or {}
+        mp_world = self.meta.get("mp_world_size")
+        if (recorded and (recorded.get("tp_degree"), recorded.get("pp_degree")) != (self.tp, pp)) or \
+                (mp_world is not None and mp_world != self.tp * pp):
+            raise ConversionError(
+                f"{self.tag_dir}: the files show TP={self.tp}, PP={pp} but DeepSpeed recorded "
+                f"TP={recorded.get('tp_degree')}, PP={recorded.get('pp_degree')} (mp_world_size={mp_world}); "
+                "files are missing or come from different runs")
+        return pp
+
+    def _infer_shape(self, num_heads: Optional[int]) -> OPTShape:
+        """Shapes from the tensors, for checkpoints saved without `opt_model_shape` in their client state."""
+        if num_heads is None:
+            raise ConversionError(f"{self.tag_dir}: the checkpoint does not record the model shape "
+                                  "(no `opt_model_shape` in its client state) and the number of attention heads "
+                                  "cannot be read from the weights; pass --num-heads N")
+        embedding = self._merged(EMBEDDING_INDEX)["word_embeddings.weight"]
+        positions = self._merged(POSITIONS_INDEX)
+        decoder = self._merged(decoder_layer_index(0))
+        final = self._merged(max(self.layers))
+        hidden = positions["embed_positions.weight"].shape[1]
+        return OPTShape(num_layers=max(self.layers) - decoder_layer_index(0), hidden_size=hidden,
+                        num_heads=num_heads, ffn_hidden_size=decoder["mlp.fc1.weight"].shape[0],
+                        vocab_size=embedding.shape[0],
+                        max_position_embeddings=positions["embed_positions.weight"].shape[0] - 2,
+                        word_embed_proj_dim=embedding.shape[1] if embedding.shape[1] != hidden else None,
+                        pre_layer_norm="final_layer_norm.weight" in final)
+
+    def _ranks(self, index: int) -> List[dict]:
+        if index not in self._loaded:
+            self._loaded[index] = [load_torch(self.layers[index][r]) for r in range(self.tp)]
+        return self._loaded[index]
+
+    def _merged(self, index: int, meta: bool = False) -> Dict[str, torch.Tensor]:
+        ranks = [{k: (v.to("meta") if meta else v) for k, v in state.items() if torch.is_tensor(v)}
+                 for state in self._ranks(index)]
+        return merge_state(ranks, f"{self.tag_dir.name}/layer_{index:02d}", compare=not meta)
+
+    def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
+        indices = {role: special_layer_index(role, self.shape) for role in ("embedding", "positions", "final")}
+        states = {role: self._merged(index, meta) for role, index in indices.items()}
+        for index in indices.values():
+            self._loaded.pop(index, None)
+        out = {key: states[role][name] for key, (role, name) in GLOBAL_NAMES.items() if name in states[role]}
+        if C.EMBED_TOKENS in out:
+            out[C.EMBED_TOKENS] = self._unpadded(out[C.EMBED_TOKENS])
+        return out
+
+    def _unpadded(self, embedding: torch.Tensor) -> torch.Tensor:
+        if embedding.shape[0] != self.padded_vocab:
+            raise ConversionError(f"{self.tag_dir}: the embedding has {embedding.shape[0]} rows over {self.tp} TP "
+                                  f"rank(s), the recorded model {self.padded_vocab}")
+        return embedding[:self.shape.vocab_size]
+
+    def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
+        index = decoder_layer_index(layer)
+        state = decoder_from_opt_ds(self._merged(index, meta), self.shape.num_heads)
+        self._loaded.pop(index, None)
+        return state
+
+    def checkpoint(self) -> Checkpoint:
+        sources = {key: describe_location(key, self.shape, lambda i: f"{self.tag_dir.name}/layer_{i:02d}-*", self.tp)
+                   for key in C.expected_shapes(self.shape)}
+        shapes = {k: tuple(v.shape) for k, v in self.read_globals(meta=True).items()}
+        for layer in range(self.shape.num_layers):
+            shapes.update({C.layer_key(layer, n): tuple(v.shape) for n, v in self.read_layer(layer, meta=True).items()})
+        origin = f"opt_ds checkpoint {self.tag_dir} (TP={self.tp}, PP={self.pp})"
+        optimizer = "the ZeRO optimizer state (zero_pp_rank_*_optim_states.pt)" if self.has_optimizer_state else None
+        return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes, optimizer)
+
+
+def read(path, tag: Optional[str] = None, num_heads: Optional[int] = None) -> Checkpoint:
+    return OptDsReader(path, tag, num_heads).checkpoint()

@@ -1,0 +1,164 @@
+"""Prove a conversion by running both checkpoints: logits on a fixed prompt and a greedy continuation.
+
+Both sides run through opt_ds's own model (the pipeline module at TP=1, PP=1 in this one process), in
+fp32 on the CPU, loaded from what is on disk. When `transformers` is installed, the target also runs
+through Hugging Face's `OPTForCausalLM`, the independent reference implementation, which catches an error
+the two opt_ds runs would share (e.g. a QKV order that is wrong in the same way on both sides).
+
+Tolerances (max |logit difference|, relative to the largest |logit| of the source, floor 1):
+  lossless conversion (no tensor lost precision)    1e-5, and the greedy tokens must be identical
+  to fp16 / bf16 (--dtype lowered the precision)    5e-3 / 3e-2; greedy tokens are reported, not required
+  opt_ds vs transformers on the same weights        1e-4 (two implementations: kernel order differs)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from opt_ds.models.presets import BOS_ID, OPTShape
+
+from conversion.canonical import EMBED_TOKENS, Checkpoint
+from conversion.hf import LM_HEAD, config_from_shape
+
+OPT_PROMPT = [BOS_ID, 31414, 6, 127, 2335, 16, 11962]      # "</s>Hello, my dog is cute" in OPT's vocabulary
+NEW_TOKENS = 8
+LOSSLESS_TOLERANCE = 1e-5
+LOSSY_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+REFERENCE_TOLERANCE = 1e-4
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
+                       "max_position_embeddings", "embed_dim", "pre_layer_norm")
+
+
+def prompt_for(shape: OPTShape) -> List[int]:
+    if shape.vocab_size > max(OPT_PROMPT):
+        return list(OPT_PROMPT)
+    return [BOS_ID] + [(7919 * i + 13) % (shape.vocab_size - 3) + 3 for i in range(6)]
+
+
+@dataclass
+class Run:
+    logits: torch.Tensor        # [prompt length, vocab], fp32
+    tokens: List[int]           # greedy continuation
+
+
+def run(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_tokens: int = NEW_TOKENS) -> Run:
+    """Logits of the prompt and `new_tokens` greedy tokens (full forward per step: simple and exact)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = forward(ids)[0].float()
+        tokens = []
+        for _ in range(new_tokens):
+            step = logits if not tokens else forward(ids)[0].float()
+            tokens.append(int(step[-1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return Run(logits, tokens)
+
+
+class OptDsModel:
+    """opt_ds's pipeline module (TP=1, PP=1) in this process, fp32, eval mode."""
+
+    def __init__(self, shape: OPTShape):
+        from opt_ds.parallel.layout import ParallelLayout
+        from opt_ds.parallel.pipe import build_pipeline
+        layout = ParallelLayout(1, 1, 1)
+        layout.initialize()
+        self.shape = shape
+        self.module = build_pipeline(shape.replace(dropout=0.0, attention_dropout=0.0), layout).eval()
+
+    def load(self, ckpt: Checkpoint) -> "OptDsModel":
+        """Copy the weights in (cast to fp32); `self.dtypes` records the dtype each tensor had on disk."""
+        from conversion.opt_ds_format import full_layer_states
+        self.dtypes = {}
+        for index, state in full_layer_states(ckpt, ckpt.shape.vocab_size):
+            self.dtypes.update({(index, name): t.dtype for name, t in state.items()})
+            self.module.forward_funcs[index].load_state_dict(state, strict=True)
+        return self
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.module(ids)
+
+
+def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """OPTForCausalLM holding `ckpt` (fp32), or None when transformers is not installed."""
+    try:
+        from transformers import OPTConfig, OPTForCausalLM
+    except ImportError:
+        return None
+    config = OPTConfig.from_dict({**config_from_shape(ckpt.shape, torch.float32), "dropout": 0.0,
+                                  "attention_dropout": 0.0})
+    model = OPTForCausalLM(config).eval()
+    state = {k: v.float() for k, v in ckpt.state_dict().items()}
+    state[LM_HEAD] = state[EMBED_TOKENS]
+    model.load_state_dict(state, strict=True)
+    return lambda ids: model(input_ids=ids).logits
+
+
+def difference(reference: torch.Tensor, other: torch.Tensor) -> tuple:
+    """(max |difference|, mean KL(reference || other) per position, reference scale)."""
+    max_abs = (reference - other).abs().max().item()
+    kl = F.kl_div(F.log_softmax(other.double(), -1), F.log_softmax(reference.double(), -1), log_target=True,
+                  reduction="batchmean").item()
+    return max_abs, kl, max(1.0, reference.abs().max().item())
+
+
+@dataclass
+class Report:
+    ok: bool
+    lines: List[str]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def architecture(shape: OPTShape) -> dict:
+    return {f: getattr(shape, f) for f in ARCHITECTURE_FIELDS}
+
+
+def precision_lost(source_dtypes: dict, target_dtypes: dict) -> Optional[torch.dtype]:
+    """The half-precision dtype (fp16 / bf16) on either side of a tensor whose dtype changed, or None when no
+    tensor changed dtype (a lossless conversion)."""
+    lost = {d for key, t in target_dtypes.items() if t != source_dtypes.get(key)
+            for d in (t, source_dtypes.get(key)) if d in LOSSY_TOLERANCE}
+    return max(lost, key=lambda d: LOSSY_TOLERANCE[d]) if lost else None
+
+
+def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) -> Report:
+    """Compare `target` with `source`, both opened from disk."""
+    lines = []
+    if architecture(source.shape) != architecture(target.shape):
+        return Report(False, [f"verify: FAILED: the target's architecture {architecture(target.shape)} differs from "
+                              f"the source's {architecture(source.shape)}"])
+    prompt = prompt_for(source.shape)
+    model = OptDsModel(source.shape)
+    src = run(model.load(source), prompt)
+    source_dtypes = model.dtypes
+    tgt = run(model.load(target), prompt)
+    lossy_dtype = precision_lost(source_dtypes, model.dtypes)
+    max_abs, kl, scale = difference(src.logits, tgt.logits)
+    tolerance = (LOSSY_TOLERANCE[lossy_dtype] if lossy_dtype in LOSSY_TOLERANCE else LOSSLESS_TOLERANCE) * scale
+    ok = max_abs <= tolerance
+    lines.append(f"verify: logits on a {len(prompt)}-token prompt, source vs target (opt_ds model, fp32): "
+                 f"max |diff| {max_abs:.3e} (tolerance {tolerance:.1e}), KL {kl:.3e}")
+    same_tokens = src.tokens == tgt.tokens
+    lines.append(f"verify: greedy {NEW_TOKENS} tokens: source {src.tokens}, target {tgt.tokens}"
+                 + ("" if same_tokens else " (DIFFERENT)"))
+    if lossy_dtype is None and not same_tokens:
+        ok = False
+    if reference:
+        hf = hf_forward(target)
+        if hf is None:
+            lines.append("verify: transformers is not installed; skipped the Hugging Face reference check")
+        else:
+            ref = run(hf, prompt)
+            ref_abs, ref_kl, ref_scale = difference(ref.logits, tgt.logits)
+            ref_ok = ref_abs <= REFERENCE_TOLERANCE * ref_scale and ref.tokens == tgt.tokens
+            ok = ok and ref_ok
+            lines.append(f"verify: target in transformers' OPTForCausalLM vs opt_ds: max |diff| {ref_abs:.3e} "
+                         f"(tolerance {REFERENCE_TOLERANCE * ref_scale:.1e}), KL {ref_kl:.3e}, greedy "
+                         f"{'identical' if ref.tokens == tgt.tokens else f'DIFFERENT {ref.tokens}'}")
+    lines.append("verify: " + ("OK" if ok else "FAILED: the converted checkpoint does not reproduce the source"))
+    return Report(ok, lines)
+

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The embedded default (`make demo`): preprocess the bundled Shakespeare corpus (training an 8k BPE on it),
+# train a small OPT with TP=2 x PP=2 through DeepSpeed's launcher, save checkpoints, print a text sample
+# and a summary. Runs on the CPU (4 ranks) when there is no GPU; on a machine with GPUs it uses them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+RUN=${DEMO_RUN_DIR:-runs/demo}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+GPUS=$("$BIN/python" -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 4 ]; then
+    PROCS=$(( GPUS / 4 * 4 )); LAYOUT=(precision.dtype=bf16)                # TP=2 x PP=2 x DP=GPUS/4
+elif [ "$GPUS" -ge 2 ]; then
+    PROCS=2; LAYOUT=(parallel.pipeline=1 precision.dtype=bf16)              # TP=2
+elif [ "$GPUS" -eq 1 ]; then
+    PROCS=1; LAYOUT=(parallel.tensor=1 parallel.pipeline=1 precision.dtype=bf16)
+else
+    PROCS=4; LAYOUT=()                                                      # CPU: TP=2 x PP=2, fp32
+fi
+
+rm -rf "$RUN"
+"$BIN/opt-ds" preprocess --bundled-corpus --output-prefix "$RUN/data/shakespeare" --vocab-size 8192 --no-progress
+"$BIN/opt-ds" launch ds_configs/demo.yaml --num-gpus "$PROCS" "${LAYOUT[@]}" \
+    "data.train=[{path: $RUN/data/shakespeare}]" "train.save_dir=$RUN/checkpoints" "train.log_dir=$RUN" "$@"
+echo
+"$BIN/opt-ds" summary "$RUN"
