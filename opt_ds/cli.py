@@ -57,11 +57,15 @@ def main(argv=None) -> int:
     command_parser = argparse.ArgumentParser(prog=f"opt-ds {name}", description=module.__doc__)
     module.add_arguments(command_parser)
     args = command_parser.parse_intermixed_args(argv[1:])
+    from opt_ds.parallel.layout import shutdown_distributed
     try:
-        return module.run(args)
+        status = module.run(args)
     except UserError as err:
+        shutdown_distributed(wait=False)
         print(f"opt-ds {name}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    shutdown_distributed()
+    return status
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ def child_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARS}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
+    # Scripts that call `opt-ds` (launchers/*.sh) must find the one installed beside this interpreter.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -5,6 +5,7 @@ is requeued and resumes exactly."""
 import os
 import socket
 import sys
+from pathlib import Path
 
 from fault_runs import BASE, clean_run, events, train, trajectory
 from multiproc import REPO, run
@@ -54,7 +55,7 @@ def sbatch(tmp_path, *overrides, restart: int = 0, **env):
         (bin_dir / tool).chmod(0o755)
     (tmp_path / "run.yaml").write_text("{}\n")
     return run(["bash", REPO / "launchers" / "slurm.sbatch", tmp_path / "run.yaml", *BASE, f"train.log_dir={tmp_path}",
-                *overrides], check=False, timeout=240, PATH=f"{bin_dir}:{os.environ['PATH']}",
+                *overrides], check=False, timeout=240, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_NTASKS_PER_NODE=2,
                SLURM_RESTART_COUNT=restart, SAVE_DIR=tmp_path / "ckpt", MASTER_PORT=_free_port(),
                FAKE_SLURM_LOG=tmp_path / "scontrol.log", **env)

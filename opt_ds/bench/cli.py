@@ -23,6 +23,7 @@ from pathlib import Path
 
 from opt_ds.bench.cases import NAMED_CASES, PRECISIONS, BenchCase, parse_case, with_changes
 from opt_ds.config import ConfigError
+from opt_ds.parallel.layout import shutdown_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,8 +245,7 @@ def run_launched(args) -> int:
         suite.write(suite.rows)
         print("\n" + suite.text())
         status = 0 if suite.rows[0]["status"] == "ok" else 1
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return status
 
 

@@ -21,6 +21,7 @@ from opt_ds.bench.cases import BenchCase
 from opt_ds.bench.provenance import device_name
 from opt_ds.bench.telemetry import combine_gpu_windows
 from opt_ds.bench.timing import slowest_rank_per_step, time_steps
+from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 
 
@@ -93,9 +94,7 @@ def main(argv=None) -> int:
         record = measure_layer(case, args.recompute, args.steps, args.warmup)
     if record is not None:
         write_result(args.result, record)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

@@ -111,6 +111,17 @@ class ParallelLayout:
         )
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """End of a process's distributed work: (optionally) wait for every rank, then tear the process groups
+    down. Left to interpreter exit, a finished multi-process run sometimes aborted with "terminate called
+    without an active exception" (SIGABRT, exit -6) as gloo's C++ threads were destroyed unjoined, which a job
+    script reads as a crash. `wait=False` on error paths, where a peer may never arrive."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if wait:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _share_cores_between_local_ranks() -> None:
     """Unless OMP_NUM_THREADS says otherwise, give each rank its share of this machine's cores. Launchers
     differ (torchrun sets 1; DeepSpeed's runner sets nothing and pdsh forwards only some variables), and

@@ -28,13 +28,6 @@ def run(args) -> int:
                           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                           "deepspeed": cfg.deepspeed_config()}, indent=2))
         return 0
-    from opt_ds.errors import TrainingDiverged
-    from opt_ds.train.collective import shutdown
     from opt_ds.train.loop import Trainer
-    try:
-        Trainer(cfg).train()
-    except TrainingDiverged:
-        shutdown()                              # every rank took this decision together: all meet here
-        raise
-    shutdown()
+    Trainer(cfg).train()
     return 0

@@ -51,12 +51,3 @@ def any_rank(flags: list) -> list:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
-
-
-def shutdown() -> None:
-    """End of a run, on every rank together: wait for all, then tear the process groups down. Left to
-    interpreter exit, a finished run sometimes aborted ("terminate called without an active exception",
-    exit -6) as C++ threads were destroyed unjoined, which a job script reads as a crash."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

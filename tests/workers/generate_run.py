@@ -7,6 +7,7 @@ import sys
 import torch.distributed as dist
 
 from opt_ds.config import load_config
+from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.train.generate import generate
 from opt_ds.train.loop import Trainer
 
@@ -26,3 +27,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

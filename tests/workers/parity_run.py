@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from opt_ds.config import load_config
+from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.parallel.gather import gather_full_state
 from opt_ds.parallel.pipe import TIED_EMBEDDING_KEY
 from opt_ds.train.loop import Trainer
@@ -42,3 +43,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()
