@@ -35,7 +35,6 @@ def fuse_qkv(q, k, v, num_heads):
 
 def copy_hf_into_pipeline(hf: OPTForCausalLM, module, shape: OPTShape) -> None:
     d = hf.model.decoder
-    layers = dict(module.named_children())
     targets = {"tied_modules.embed.word_embeddings.weight": d.embed_tokens.weight,
                "1.embed_positions.weight": d.embed_positions.weight}
     if shape.has_projections:
