@@ -119,6 +119,8 @@ def shutdown_distributed(wait: bool = True) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if wait:
             torch.distributed.barrier()
+        from megatron.core import parallel_state
+        parallel_state.destroy_model_parallel()     # so a later initialize() in this process starts clean
         torch.distributed.destroy_process_group()
 
 
