@@ -36,10 +36,12 @@ def test_shipped_deepspeed_json_is_the_generated_one(name):
     assert shipped == cfg.deepspeed_config()
 
 
-def test_editing_the_yaml_without_the_json_fails(tmp_path):
+def test_pinning_a_json_that_no_longer_matches_fails(tmp_path):
+    """A config that names a DeepSpeed JSON (relative to the YAML file) must still agree with it."""
+    (tmp_path / "deepspeed").mkdir()
+    (tmp_path / "deepspeed" / "ds.json").write_text((CONFIGS / "deepspeed" / "opt-125m.json").read_text())
     text = (CONFIGS / "opt-125m.yaml").read_text().replace("micro_batch_size: 2", "micro_batch_size: 1")
-    text = text.replace("deepspeed: deepspeed/", f"deepspeed: {CONFIGS}/deepspeed/")
     edited = tmp_path / "opt-125m.yaml"
-    edited.write_text(text)
+    edited.write_text(text + "deepspeed: deepspeed/ds.json\n")
     with pytest.raises(Exception, match="train_micro_batch_size_per_gpu=2 but the config gives 1"):
         load_config(edited, world_size=256)
