@@ -33,13 +33,6 @@ def device_name() -> str:
     return torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
-def device_description() -> str:
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        return f"{count} × {device_name()}"
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def git_commit() -> str:
     """The checkout's commit (with '+changes' when the tree is dirty); OPT_DS_GIT_COMMIT overrides it,
     for copies of the tree that have no .git (e.g. a GPU machine that received a working tree)."""
