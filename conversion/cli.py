@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metaseq target: reshard-model_part-K.pt with fused K,V,Q (metaseq's own loader, "
                              "reshard_mp) or a single restored.pt with separate q/k/v (HF's converter)")
     parser.add_argument("--max-shard-size", type=int, default=5, help="HF target: GiB per safetensors file")
+    parser.add_argument("--tokenizer", help="HF target: the tokenizer to export ('opt' or a folder with vocab.json + "
+                                            "merges.txt); default: the one the source records")
     parser.add_argument("--dry-run", action="store_true", help="print the key mapping and write nothing")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the logit comparison after writing (it loads both models in fp32)")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     options = Options(to=args.to, src_format=args.src_format, tp=args.tp, pp=args.pp, tag=args.tag,
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
-                      force=args.force, verify=args.verify, dry_run=args.dry_run)
+                      force=args.force, verify=args.verify, dry_run=args.dry_run,
+                      tokenizer=args.tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from conversion import hf, metaseq, opt_ds_format, universal
+from conversion import hf, hf_tokenizer, metaseq, opt_ds_format, universal
 from conversion.canonical import Checkpoint, describe_shape, expected_shapes
 from conversion.files import ConversionError, check_writable_destination, staged_directory
 from conversion.verify import verify
@@ -77,6 +77,7 @@ class Options:
     verify: bool = True
     reference: bool = True                      # also check against transformers when installed
     dry_run: bool = False
+    tokenizer: Optional[str] = None             # HF target: 'opt' or a vocab.json + merges.txt folder
 
 
 def check_options(fmt: str, o: Options) -> None:
@@ -84,6 +85,9 @@ def check_options(fmt: str, o: Options) -> None:
         raise ConversionError(f"unknown target format {o.to!r}; choose one of {', '.join(FORMATS)}")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise ConversionError(f"--dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if o.tokenizer is not None and o.to != "hf":
+        raise ConversionError(f"--tokenizer applies to --to hf (the export carries a tokenizer); {o.to} "
+                              "checkpoints hold weights only: drop it")
     if o.to in ("hf", "universal") and (o.tp, o.pp) != (1, 1):
         raise ConversionError(f"--tp/--pp do not apply to {o.to} checkpoints, which are not split; drop them")
     if o.to == "metaseq" and o.pp != 1:
@@ -111,13 +115,30 @@ def mapping_lines(ckpt: Checkpoint, o: Options) -> list:
             for key, size in expected_shapes(shape).items()]
 
 
-def write_target(ckpt: Checkpoint, src, staging: Path, o: Options) -> None:
+def export_tokenizer(source: Checkpoint, src: Path, fmt: str, o: Options, out) -> Optional[hf_tokenizer.SourceTokenizer]:
+    """The tokenizer an HF export carries: --tokenizer, else the one the source records (None: said so)."""
+    if o.to != "hf":
+        return None
+    vocab = source.shape.vocab_size
+    found = hf_tokenizer.load_tokenizer(o.tokenizer, vocab) if o.tokenizer else \
+        hf_tokenizer.recorded_tokenizer(src, fmt, o.src_tag, vocab)
+    if found is None:
+        out(f"note: {src} records no tokenizer, so the export has none (AutoTokenizer cannot load it); pass "
+            "--tokenizer opt or --tokenizer DIR (vocab.json + merges.txt, e.g. PREFIX.tokenizer of the dataset)")
+    else:
+        out(f"tokenizer: from {found.origin}")
+    return found
+
+
+def write_target(ckpt: Checkpoint, src, staging: Path, o: Options, tokenizer=None) -> None:
     if o.to == "opt_ds":
         opt_ds_format.write(ckpt, staging, tp=o.tp, pp=o.pp, tag=o.tag)
     elif o.to == "metaseq":
         metaseq.write(ckpt, staging, parts=o.tp, layout=o.metaseq_layout)
     elif o.to == "hf":
         hf.write(ckpt, staging, max_shard_bytes=o.max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.write(staging, model_max_length=ckpt.shape.max_position_embeddings)
     else:
         universal.write(src, staging, tag=o.src_tag, num_heads=o.num_heads)
 
@@ -142,12 +163,13 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
     source = open_checkpoint(src, fmt, tag=o.src_tag, num_heads=o.num_heads)
     check_target_layout(source, o)
     out(f"source: {source.origin}\nmodel:  {describe_shape(source.shape)}")
+    tokenizer = export_tokenizer(source, src, fmt, o, out)
     if o.dry_run:
         out("\n".join(mapping_lines(source, o)))
         out(f"dry run: nothing written (would write {o.to} to {dst})")
         return 0
     with staged_directory(dst, o.force) as staging:
-        write_target(source.with_dtype(DTYPES.get(o.dtype)), src, staging, o)
+        write_target(source.with_dtype(DTYPES.get(o.dtype)), src, staging, o, tokenizer)
     out(f"wrote {o.to} checkpoint to {dst}")
     if source.optimizer_state and o.to != "universal":
         out(optimizer_state_note(source.optimizer_state, fmt))

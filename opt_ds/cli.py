@@ -17,6 +17,7 @@ from opt_ds.errors import UserError
 BUILTIN_COMMANDS = {
     "train": ("opt_ds.train.cli", "train an OPT model from a YAML config"),
     "generate": ("opt_ds.train.generate_cli", "sample text from a training checkpoint"),
+    "eval": ("opt_ds.eval.cli", "evaluate a checkpoint: lm-evaluation-harness tasks, perplexity"),
     "summary": ("opt_ds.train.summary", "summarise a run's metrics.jsonl (validation loss, speed, sample)"),
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
     "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),

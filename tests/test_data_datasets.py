@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from multiproc import torchrun
-from opt_ds.data.datasets import DataError, build_datasets, corpus_stats, dataset_tokenizer
+from opt_ds.data.datasets import (DEFAULT_SPLIT_SEED, DataError, build_datasets, corpus_stats, dataset_tokenizer,
+                                  describe_split, split_documents)
 from opt_ds.data.preprocess import PreprocessConfig, preprocess
 
 SEQ = 32
@@ -59,7 +60,9 @@ def test_blend_3_to_1_and_document_disjoint_valid_split(corpora, tmp_path):
     assert len(valid) >= 100 and abs(Counter(next(iter(d))[0] for d in valid_docs)["A"] / len(valid) - 0.75) < 0.03
     seen_train, seen_valid = set().union(*train_docs), set().union(*valid_docs)
     assert seen_train and seen_valid and not seen_train & seen_valid
-    assert {int(n) for _, n in seen_valid} <= set(range(108, 120))  # megatron's split: the last 10 % of documents
+    # the valid documents are those of the seeded document shuffle, spread over the corpus (not its tail)
+    chosen = set(split_documents(120, [0.9, 0.1, 0.0], DEFAULT_SPLIT_SEED)["valid"].tolist())
+    assert len(chosen) == 12 and {int(n) for _, n in seen_valid} <= chosen and min(chosen) < 60
 
 
 def test_samples_have_the_synthetic_tokens_interface(corpora, tmp_path):
@@ -157,3 +160,17 @@ def test_two_gloo_ranks_get_the_single_process_samples(corpora, tmp_path):
     # rank 0 built each index once and rank 1 loaded it: one set of cache files, named as in one process
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == \
         sorted(p.name for p in (tmp_path / "single-process-cache").iterdir())
+
+
+def test_validation_samples_do_not_depend_on_training_length_or_seed(corpora, tmp_path):
+    """The first k validation samples are the same whatever train.steps (train samples), the train seed or
+    the number of validation samples asked; another split_seed picks other validation documents."""
+    blend = [(corpora[0], 3.0), (corpora[1], 1.0)]
+    _, valid = build_datasets(blend, "90,10,0", SEQ, 1234, 800, 100, tmp_path / "cache", 50272)
+    _, fewer = build_datasets(blend, "90,10,0", SEQ, 7, 300, 40, tmp_path / "cache", 50272)
+    assert all(torch.equal(valid[i]["tokens"], fewer[i]["tokens"]) for i in range(40))
+    _, other = build_datasets(blend, "90,10,0", SEQ, 1234, 800, 100, tmp_path / "cache", 50272, split_seed=5)
+    assert not all(torch.equal(valid[i]["tokens"], other[i]["tokens"]) for i in range(40))
+    recorded = describe_split(blend, "90,10,0")
+    assert [(r["train_documents"], r["valid_documents"], r["test_documents"]) for r in recorded] == [(108, 12, 0)] * 2
+    assert recorded[0]["valid_documents_sha256"] != describe_split(blend, "90,10,0", 5)[0]["valid_documents_sha256"]

@@ -94,6 +94,7 @@ class DataConfig:
     train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic tokens (see below)
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
+    split_seed: int = 1234                      # shuffles the documents before the split (docs/data.md)
     cache_dir: Optional[str] = None
     tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
 

@@ -1,21 +1,31 @@
-"""Train/valid samples over preprocessed corpora, built by megatron-core (GPTDataset, BlendedDataset,
-BlendedMegatronDatasetBuilder).
+"""Train/valid samples over preprocessed corpora, built with megatron-core's GPTDataset and BlendedDataset.
 
 A sample is `seq_length + 1` consecutive tokens of the concatenated, shuffled documents of one corpus
 (documents end with eos, as OPT trained: no attention or position reset, loss on every token, eos
 included): `tokens` = the first seq_length, `labels` = the same shifted by one. Each corpus is split into
-train/valid/test by *documents* (the split string), so valid never sees a training document; corpora are
-mixed by weight. The sample order is a fixed function of (corpora, split, seq_length, seed, sizes): megatron
-caches its indices under `cache_dir`, and a second build with the same arguments loads them.
+train/valid/test by *documents*: a permutation of its documents seeded by `split_seed` is cut by the split
+weights ("train,valid,test"), so valid never sees a training document and no part of a concatenated corpus
+becomes the whole validation set. Corpora are mixed by weight.
+
+The validation set depends only on (corpora, split, split_seed, seq_length) and the number of samples
+asked: its samples are shuffled with `split_seed` too, and its first k samples are the same whatever the
+count asked (>= k). So a validation loss over the first N samples is comparable across runs whatever
+their train.steps, seed, eval_interval or layout. The train order is a fixed function of (corpora, split,
+split_seed, seq_length, seed, samples). megatron caches the indices under `cache_dir`; a second build with
+the same arguments loads them.
 
 `build_datasets` is collective under torch.distributed: every rank calls it; rank 0 builds the index caches
 and the others load them after a barrier (so `cache_dir` must be shared by the ranks of a node or job).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import math
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +38,8 @@ from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, TokenizerError, 
 from opt_ds.errors import UserError
 
 _SPLIT = re.compile(r"^\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*$")
+DEFAULT_SPLIT_SEED = 1234
+PARTS = ("train", "valid", "test")
 
 
 class DataError(UserError):
@@ -85,12 +97,13 @@ def dataset_tokenizer(prefix: str | os.PathLike) -> BPETokenizer:
 
 def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq_length: int, seed: int,
                    num_train_samples: int, num_valid_samples: int, cache_dir: str | os.PathLike | None = None,
-                   vocab_size: int | None = None, eos_id: int = EOS_ID, pad_id: int = PAD_ID
-                   ) -> tuple[TokenWindows, TokenWindows | None]:
+                   vocab_size: int | None = None, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+                   split_seed: int = DEFAULT_SPLIT_SEED) -> tuple[TokenWindows, TokenWindows | None]:
     """(train, valid) over the corpora of `blend` ((prefix, weight) pairs, mixed by weight), cut by
-    documents with `split` ("train,valid,test" weights, e.g. "949,50,1"). Train holds at least
-    `num_train_samples` samples (corpora repeat when too small), valid `num_valid_samples`; valid is None
-    when the split gives it no share or `num_valid_samples` is 0. Call it on every rank.
+    documents with `split` ("train,valid,test" weights, e.g. "949,50,1") over a permutation of each corpus's
+    documents seeded by `split_seed`. Train holds at least `num_train_samples` samples (corpora repeat when
+    too small), in an order seeded by `seed`; valid `num_valid_samples`, in an order seeded by `split_seed`;
+    valid is None when the split gives it no share or `num_valid_samples` is 0. Call it on every rank.
 
     `cache_dir` defaults to `index-cache/` beside the first corpus. `vocab_size` is the model's vocabulary
     (checked to hold the corpora's tokenizer); by default the size of the tokenizer saved with the corpora."""
@@ -108,20 +121,82 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
     except OSError as err:
         raise DataError(f"cannot create the index cache {cache_dir} ({err}); choose a writable cache_dir") from None
 
-    builder_module = import_quietly("megatron.core.datasets.blended_megatron_dataset_builder")
-    gpt = import_quietly("megatron.core.datasets.gpt_dataset")
+    megatron = _megatron()
     with quiet_dataset_logs():
-        config = gpt.GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq_length, split=split, path_to_cache=str(cache_dir),
-            blend=(prefixes, weights if len(prefixes) > 1 else None),
-            tokenizer=TokenIds(vocab_size, eod=eos_id, pad=pad_id),
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-            create_attention_mask=False)
-        sizes = [num_train_samples, num_valid_samples if want_valid else 0, 0]
+        def config(sample_seed: int):
+            return megatron.Config(
+                random_seed=sample_seed, document_split_seed=split_seed, sequence_length=seq_length, split=split,
+                path_to_cache=str(cache_dir), blend=(prefixes, weights if len(prefixes) > 1 else None),
+                tokenizer=TokenIds(vocab_size, eod=eos_id, pad=pad_id), reset_position_ids=False,
+                reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
         with _process_group():
-            train, valid, _ = builder_module.BlendedMegatronDatasetBuilder(
-                gpt.GPTDataset, sizes, lambda: True, config).build()
-    return TokenWindows(train), (TokenWindows(valid) if want_valid else None)
+            train = _blend(megatron, prefixes, weights, shares, "train", num_train_samples, config(seed))
+            valid = _blend(megatron, prefixes, weights, shares, "valid", num_valid_samples, config(split_seed)) \
+                if want_valid else None
+    return TokenWindows(train), (TokenWindows(valid) if valid is not None else None)
+
+
+def split_documents(documents: int, shares: list[float], split_seed: int) -> dict[str, np.ndarray]:
+    """The document indices of each part ("train", "valid", "test") of a corpus of `documents` documents:
+    a permutation seeded by `split_seed`, cut at round(cumulative share x documents); each part sorted."""
+    order = np.random.RandomState(split_seed).permutation(documents).astype(np.int32)
+    bounds = [int(round(b * documents)) for b in np.cumsum([0.0, *shares])]
+    return {part: np.sort(order[a:b]) for part, a, b in zip(PARTS, bounds[:-1], bounds[1:])}
+
+
+def describe_split(blend: list[tuple[str | os.PathLike, float]], split: str,
+                   split_seed: int = DEFAULT_SPLIT_SEED) -> list[dict]:
+    """What a run records about its split: per corpus, the documents of each part and a digest of the
+    validation documents (equal digests: the same validation documents)."""
+    shares = _check_split(split)
+    described = []
+    for prefix, _ in blend:
+        parts = split_documents(corpus_stats(prefix).documents, shares, split_seed)
+        described.append({"path": str(prefix), "split": split, "split_seed": split_seed,
+                          **{f"{part}_documents": len(ids) for part, ids in parts.items()},
+                          "valid_documents_sha256": hashlib.sha256(parts["valid"].tobytes()).hexdigest()})
+    return described
+
+
+@functools.cache
+def _megatron():
+    """megatron's dataset classes, extended so the document split seed is part of the index cache key."""
+    gpt = import_quietly("megatron.core.datasets.gpt_dataset")
+    blended = import_quietly("megatron.core.datasets.blended_dataset")
+    builder = import_quietly("megatron.core.datasets.blended_megatron_dataset_builder").BlendedMegatronDatasetBuilder
+    indexed = import_quietly("megatron.core.datasets.indexed_dataset")
+    split_enum = import_quietly("megatron.core.datasets.utils").Split
+
+    @dataclasses.dataclass
+    class Config(gpt.GPTDatasetConfig):
+        document_split_seed: int = DEFAULT_SPLIT_SEED
+
+    class DocumentSplitGPTDataset(gpt.GPTDataset):
+        @staticmethod
+        def _key_config_attributes() -> list[str]:
+            return [*gpt.GPTDataset._key_config_attributes(), "document_split_seed"]
+
+    def build(cls, *args):
+        return builder.build_generic_dataset(cls, lambda: True, True, *args)
+
+    return types.SimpleNamespace(Config=Config, GPTDataset=DocumentSplitGPTDataset, build=build,
+                                 BlendedDataset=blended.BlendedDataset, IndexedDataset=indexed.IndexedDataset,
+                                 Split=split_enum)
+
+
+def _blend(megatron, prefixes: list[str], weights: list[float], shares: list[float], part: str, size: int, config):
+    """`size` samples of `part`, mixed from every corpus by weight (as megatron's builder sizes them)."""
+    index_split = getattr(megatron.Split, part)
+    normalized = [w / sum(weights) for w in weights]
+    datasets = []
+    for prefix, weight in zip(prefixes, normalized):
+        low_level = megatron.IndexedDataset(prefix)
+        documents = split_documents(len(low_level), shares, config.document_split_seed)[part]
+        wanted = size if len(prefixes) == 1 else int(math.ceil(math.ceil(size * weight) * 1.005))
+        datasets.append(megatron.build(megatron.GPTDataset, low_level, prefix, documents, wanted, index_split, config))
+    if len(datasets) == 1:
+        return datasets[0]
+    return megatron.build(megatron.BlendedDataset, datasets, normalized, size, config)
 
 
 class _process_group:
@@ -173,14 +248,12 @@ def _check_split(split: str) -> list[float]:
 
 
 def _check_documents_per_split(prefixes: list[str], shares: list[float], want_valid: bool) -> None:
-    """megatron cuts each corpus at round(share * documents); an empty train or valid part would fail deep
-    inside it, so say which corpus is too small here."""
-    bounds = np.cumsum([0.0, *shares])
+    """An empty train or valid part would fail deep inside megatron, so say which corpus is too small here."""
     for prefix in prefixes:
         documents = corpus_stats(prefix).documents
-        counts = [int(round(b * documents)) - int(round(a * documents)) for a, b in zip(bounds[:-1], bounds[1:])]
-        for name, count, needed in (("train", counts[0], True), ("valid", counts[1], want_valid)):
-            if needed and count == 0:
+        counts = {part: len(ids) for part, ids in split_documents(documents, shares, 0).items()}
+        for name, needed in (("train", True), ("valid", want_valid)):
+            if needed and counts[name] == 0:
                 raise DataError(
                     f"{prefix} has {documents} documents: the split gives its {name} part none. Use a larger "
                     f"{name} share, or cut the corpus into more documents")

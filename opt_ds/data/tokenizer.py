@@ -17,6 +17,7 @@ from typing import Iterable
 from tokenizers import ByteLevelBPETokenizer
 
 from opt_ds.data import atomic
+from opt_ds.data.files import DatasetFiles
 from opt_ds.errors import UserError
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3, fairseq order
@@ -63,6 +64,16 @@ class BPETokenizer:
             raise TokenizerError(f"cannot load {self.merges_file} with {self.vocab_file}: {err}") from None
         self.vocab_size = len(vocab)
         self.bos_id, self.pad_id, self.eos_id, self.unk_id = BOS_ID, PAD_ID, EOS_ID, 3
+
+    @classmethod
+    def of_run(cls, data: dict) -> "BPETokenizer | None":
+        """The tokenizer a run config's `data` section names: data.tokenizer, else the one `opt-ds
+        preprocess` saved beside its first corpus; None when it names none (synthetic tokens)."""
+        if data.get("tokenizer"):
+            return cls.load(data["tokenizer"])
+        if data.get("train"):
+            return cls(*tokenizer_files(DatasetFiles.of(data["train"][0]["path"]).tokenizer))
+        return None
 
     @classmethod
     def load(cls, spec: str | os.PathLike) -> "BPETokenizer":

@@ -34,8 +34,10 @@ def _last_stage_source(engine) -> int:
 
 
 def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, micro_batch: int,
-             top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list:
-    """Collective over all ranks; returns prompt + generated ids on every rank."""
+             top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             should_stop=None) -> list:
+    """Collective over all ranks; returns prompt + generated ids on every rank. `should_stop(tokens)`, if
+    given, ends generation early (every rank sees the same tokens, so all decide alike)."""
     tokens = list(prompt_ids)
     if not tokens or len(tokens) >= seq_length:
         raise ValueError(f"prompt must hold 1..{seq_length - 1} tokens, got {len(tokens)}")
@@ -58,7 +60,7 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
         dist.broadcast(choice, src=source)
         token = int(choice.item())
         tokens.append(token)
-        if stop_at_eos and token == EOS_ID:
+        if (stop_at_eos and token == EOS_ID) or (should_stop is not None and should_stop(tokens)):
             break
     return tokens
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from opt_ds.config import ConfigError, RunConfig, build_dataclass, resolve
+from opt_ds.config.sections import ModelConfig
 from opt_ds.train import checkpoint
 
 
@@ -31,7 +32,8 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
-                                         "optimizer can load; generate from the training checkpoint it was made from")
+                                         "optimizer can load; use the training checkpoint it was made from, or "
+                                         "`opt-ds convert` it --to opt_ds")
     if point.run_state is not None:
         return point.run_state["config"]
     shape = point.saved.get(MODEL_SHAPE_KEY)
@@ -39,19 +41,27 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
         raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
                                          "written by `opt-ds train` or `opt-ds convert`")
     tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
-    return {"model": shape, "parallel": {"tensor": tensor},
+    settable = {f.name for f in dataclasses.fields(ModelConfig)}     # derived entries (layer_norm_eps) are not
+    return {"model": {k: v for k, v in shape.items() if k in settable}, "parallel": {"tensor": tensor},
             "batch": {"seq_length": min(2048, shape["max_position_embeddings"])}}
 
 
-def inference_config(saved: dict, world_size: int):
+def inference_config(saved: dict, world_size: int, pipeline: int | None = None, micro_batch: int = 1):
+    """The saved run at this world size for inference: its TP, `pipeline` stages (default: all the
+    processes a TP group leaves) and the data-parallel replicas that leaves, no optimizer."""
     run = build_dataclass(RunConfig, saved)
     tp = run.parallel.tensor
     if world_size % tp:
         raise ConfigError(f"the checkpoint is tensor-parallel with TP={tp}: run a multiple of {tp} processes "
-                          f"(e.g. torchrun --nproc_per_node={tp} -m opt_ds generate ...), or reshard it with "
+                          f"(e.g. torchrun --nproc_per_node={tp} -m opt_ds ...), or reshard it with "
                           "`opt-ds convert`")
-    run.parallel.pipeline, run.parallel.data = world_size // tp, 1
-    run.batch.micro_batch_size = run.batch.global_batch_size = 1
+    pipeline = pipeline or world_size // tp
+    if world_size % (tp * pipeline):
+        raise ConfigError(f"{world_size} processes do not fit TP={tp} x PP={pipeline} (the checkpoint's TP times "
+                          f"the pipeline stages asked): run a multiple of {tp * pipeline} processes")
+    run.parallel.pipeline, run.parallel.data = pipeline, world_size // (tp * pipeline)
+    run.batch.micro_batch_size = micro_batch
+    run.batch.global_batch_size = micro_batch * run.parallel.data
     run.batch.gradient_accumulation_steps = None
     run.deepspeed = None
     return resolve(run, world_size)

@@ -62,24 +62,22 @@ def build_datasets(cfg: ResolvedConfig):
                 SyntheticTokens(cfg.shape.vocab_size, seq, seed=run.train.seed + 1, kind=run.data.synthetic))
     from opt_ds.data.datasets import build_datasets as build_indexed
     steps = run.train.steps
-    valid_samples = max(1, (steps // max(1, run.train.eval_interval) + 2) * run.train.eval_iters) \
-        * run.batch.global_batch_size
     return build_indexed(blend=[(entry.path, entry.weight) for entry in run.data.train], split=run.data.split,
                          seq_length=seq, seed=run.train.seed, num_train_samples=steps * run.batch.global_batch_size,
-                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir,
-                         vocab_size=cfg.shape.vocab_size)
+                         num_valid_samples=validation_samples(cfg), cache_dir=run.data.cache_dir,
+                         vocab_size=cfg.shape.vocab_size, split_seed=run.data.split_seed)
+
+
+def validation_samples(cfg: ResolvedConfig) -> int:
+    """Validation evaluates samples [0, eval_iters x global batch) of the fixed validation set: the same
+    samples in every run with these settings, whatever its steps, eval_interval or layout."""
+    return cfg.run.train.eval_iters * cfg.run.batch.global_batch_size
 
 
 def run_tokenizer(cfg: ResolvedConfig):
     """data.tokenizer if set, else the tokenizer saved beside the first corpus, else OPT's."""
     from opt_ds.data.tokenizer import BPETokenizer
-    data = cfg.run.data
-    if data.tokenizer:
-        return BPETokenizer.load(data.tokenizer)
-    if data.train:
-        from opt_ds.data.datasets import dataset_tokenizer
-        return dataset_tokenizer(data.train[0].path)
-    return BPETokenizer.load("opt")
+    return BPETokenizer.of_run(cfg.run.to_dict()["data"]) or BPETokenizer.load("opt")
 
 
 def peak_memory_gib() -> float:
@@ -202,6 +200,12 @@ class Trainer:
                                          "hardware_tflops_per_gpu": flops.HARDWARE_FORMULA},
                          recomputed_layers=self.recomputed_layers,
                          parameters=analytic_parameter_count(self.cfg.shape), config=self.cfg.run.to_dict())
+        if self.cfg.run.data.train:
+            from opt_ds.data.datasets import describe_split
+            data = self.cfg.run.data
+            self.metrics.log("data_split", self.state.step, validation_samples=validation_samples(self.cfg),
+                             corpora=describe_split([(e.path, e.weight) for e in data.train], data.split,
+                                                    data.split_seed))
         if train.eval_interval and self.state.step == 0:
             self.evaluate()
         batches = self.batches(self.train_data, self.state.data_step)
