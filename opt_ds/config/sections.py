@@ -115,6 +115,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation during training, on the live engine (docs/eval.md)."""
+    tasks: typing.List[str] = field(default_factory=list)       # lm-evaluation-harness task names
+    perplexity: typing.List[str] = field(default_factory=list)  # text/JSONL files or dataset prefixes
+    include_path: typing.List[str] = field(default_factory=list)  # folders of extra task YAML files
+    num_fewshot: Optional[int] = None           # None: each task's default (0 for most)
+    limit: Optional[int] = None                 # documents per task; None: all
+    interval: int = 0                           # steps between evaluations; 0: train.eval_interval (and the end)
+
+
+@dataclass
 class SampleConfig:
     prompt: Optional[str] = None                # text continued at the end of training (needs a tokenizer)
     max_new_tokens: int = 48
@@ -178,6 +189,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)

@@ -40,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer", help="'opt' or a folder with vocab.json + merges.txt (default: the run's)")
     parser.add_argument("--pipeline", type=int, help="pipeline stages (default: world size / the checkpoint's TP)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (default 4)")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="keep every request and response (log-likelihoods) in results.json")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="bootstrap resamples for the stderr of non-mean metrics (default 1000)")
 
@@ -88,7 +90,7 @@ def run(args) -> int:
     results = {}
     if names:
         results = harness_tasks.evaluate(lm, manager, names, num_fewshot=args.num_fewshot, limit=args.limit,
-                                         bootstrap_iters=args.bootstrap_iters) or {}
+                                         bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples) or {}
     perplexities = [ppl.perplexity(lm.scorer, tokenizer, source, window=window, stride=stride)
                     for source in args.perplexity]
     if not rank0:
@@ -119,7 +121,7 @@ def write_results(output: Path, results: dict, perplexities: list, point) -> Pat
     from lm_eval.utils import handle_non_serializable
     from opt_ds.train.durable import write_atomically
     output.mkdir(parents=True, exist_ok=True)
-    document = {**{k: v for k, v in results.items() if k != "samples"}, "checkpoint": str(point.folder),
+    document = {**results, "checkpoint": str(point.folder),
                 "perplexity": [p.as_dict() for p in perplexities]}
     path = output / RESULTS_FILE
     write_atomically(path, json.dumps(document, indent=2, default=handle_non_serializable) + "\n")

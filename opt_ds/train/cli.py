@@ -29,5 +29,9 @@ def run(args) -> int:
                           "deepspeed": cfg.deepspeed_config()}, indent=2))
         return 0
     from opt_ds.train.loop import Trainer
-    Trainer(cfg).train()
+    downstream = None
+    if cfg.run.eval.tasks or cfg.run.eval.perplexity:
+        from opt_ds.eval.during_training import DownstreamEvaluation
+        downstream = DownstreamEvaluation(cfg)        # checks the tasks and files before any work
+    Trainer(cfg, downstream=downstream).train()
     return 0

@@ -87,8 +87,11 @@ def peak_memory_gib() -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: ResolvedConfig):
+    def __init__(self, cfg: ResolvedConfig, downstream=None):
+        """`downstream(engine, step, metrics)`: an extra evaluation (opt_ds.eval.during_training) run every
+        `downstream.interval` steps and at the end."""
         self.cfg = cfg
+        self.downstream = downstream
         run = cfg.run
         self.resume_point = checkpoint.find_resume_point(run.train.save_dir, run.train.load_dir,
                                                           run.train.load_tag)
@@ -224,10 +227,15 @@ class Trainer:
                 return self.stop(verdict, last)
             if train.eval_interval and step % train.eval_interval == 0 and step != train.steps:
                 self.evaluate()
+            if self.downstream is not None and self.downstream.interval and step % self.downstream.interval == 0 \
+                    and step != train.steps:
+                self.downstream(self.engine, step, self.metrics)
             if train.save_dir and train.save_interval and step % train.save_interval == 0 and step != train.steps:
                 self.save()
         if train.eval_interval:
             last["eval"] = self.evaluate()
+        if self.downstream is not None:
+            self.downstream(self.engine, self.state.step, self.metrics)
         if train.save_dir:
             self.save()
         if self.cfg.run.sample.prompt:
