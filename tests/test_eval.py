@@ -92,7 +92,7 @@ def harness_on_export(trained) -> dict:
 
 
 def loglikelihoods(results: dict) -> dict:
-    return {(task, sample["doc_id"], i): response[0][0] if isinstance(response[0], list) else response[0]
+    return {(task, sample["doc_id"], i): response[0][0]
             for task, samples in results["samples"].items() for sample in samples
             for i, response in enumerate(sample["resps"])}
 

@@ -68,11 +68,11 @@ def run(args) -> int:
     saved = saved_run_config(point)
     cfg = inference_config(saved, int(os.environ.get("WORLD_SIZE", "1")), args.pipeline, args.batch_size)
     tokenizer = checked_tokenizer(args.tokenizer, saved, cfg.shape.vocab_size, point.directory)
-    max_length = cfg.run.batch.seq_length
-    window = args.window or max_length
+    max_length = cfg.shape.max_position_embeddings     # as the harness's HF class on the export
+    window = args.window or min(cfg.run.batch.seq_length, max_length)
     stride = args.stride or window
     if not 0 < window <= max_length or not 0 < stride <= window:
-        raise EvalError(f"need 1 <= --stride <= --window <= {max_length} (the run's seq_length); got window "
+        raise EvalError(f"need 1 <= --stride <= --window <= {max_length} (the model's positions); got window "
                         f"{window}, stride {stride}")
     for source in args.perplexity:
         ppl.check_source(source)
