@@ -24,8 +24,8 @@ class EvalError(UserError):
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a train.save_dir (uses its 'latest') or a checkpoint folder (training, "
-                                           "or weights-only from `opt-ds convert --to opt_ds`)")
+    parser.add_argument("checkpoint", help="a train.save_dir (uses its 'latest') or a checkpoint folder: training, "
+                                           "universal, or weights-only from `opt-ds convert --to opt_ds`")
     parser.add_argument("--tasks", default="", help="comma-separated harness task names, e.g. hellaswag,piqa "
                                                     "(opt_ds_tiny_mc and opt_ds_tiny_cloze ship with opt_ds)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's, or 0)")
@@ -65,7 +65,8 @@ def run(args) -> int:
     if output is not None and output.exists() and not output.is_dir():
         raise EvalError(f"--output {output} is a file; give a folder")
     point = locate(Path(args.checkpoint))
-    saved = saved_run_config(point)
+    universal = point.kind == "universal" and point.run_state is not None
+    saved = point.run_state["config"] if universal else saved_run_config(point)
     cfg = inference_config(saved, int(os.environ.get("WORLD_SIZE", "1")), args.pipeline, args.batch_size)
     tokenizer = checked_tokenizer(args.tokenizer, saved, cfg.shape.vocab_size, point.directory)
     max_length = cfg.shape.max_position_embeddings     # as the harness's HF class on the export
@@ -81,8 +82,10 @@ def run(args) -> int:
         manager = harness_tasks.task_manager(names, args.include_path)
         harness_tasks.check_loadable(manager, names)
 
-    engine = build_engine(cfg, for_training=False)
-    checkpoint.load(engine, dataclasses.replace(point, kind="weights"))
+    # a universal checkpoint loads only into an engine with an optimizer (its fp32 weights live in the
+    # optimizer state); any other as weights only
+    engine = build_engine(cfg, for_training=universal, load_universal=universal)
+    checkpoint.load(engine, point if universal else dataclasses.replace(point, kind="weights"))
     rank0 = dist.get_rank() == 0
     say = (lambda line: print(f"[opt_ds] eval {line}", flush=True)) if rank0 else None
     from opt_ds.eval.harness import OptDsLM
