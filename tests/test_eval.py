@@ -233,8 +233,9 @@ def test_bad_eval_arguments_get_one_line_and_write_nothing(trained, tmp_path, ca
         eval_error(capsys, tmp_path / "empty", "--tasks", TASKS[0], "--output", out)
     assert "more than the checkpoint's vocabulary of 512" in \
         eval_error(capsys, trained / "ckpt", "--tasks", TASKS[0], "--tokenizer", "opt", "--output", out)
-    assert "records no tokenizer" in eval_error(capsys, trained / "tp2pp2", "--tasks", TASKS[0], "--output", out)
     assert "--perplexity" in eval_error(capsys, trained / "ckpt", "--perplexity", tmp_path / "nothing.txt")
+    monkeypatch.setenv("WORLD_SIZE", "2")     # checked before any process group is made
+    assert "records no tokenizer" in eval_error(capsys, trained / "tp2pp2", "--tasks", TASKS[0], "--output", out)
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert "tensor-parallel with TP=2: run a multiple of 2 processes" in \
         eval_error(capsys, trained / "tp2pp2", "--tasks", TASKS[0], "--output", out)

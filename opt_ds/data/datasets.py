@@ -7,10 +7,9 @@ train/valid/test by *documents*: a permutation of its documents seeded by `split
 weights ("train,valid,test"), so valid never sees a training document and no part of a concatenated corpus
 becomes the whole validation set. Corpora are mixed by weight.
 
-The validation set depends only on (corpora, split, split_seed, seq_length) and the number of samples
-asked: its samples are shuffled with `split_seed` too, and its first k samples are the same whatever the
-count asked (>= k). So a validation loss over the first N samples is comparable across runs whatever
-their train.steps, seed, eval_interval or layout. The train order is a fixed function of (corpora, split,
+The validation set depends only on (corpora, weights, split, split_seed, seq_length): one pass over the
+validation documents, its samples shuffled with `split_seed` too. So a validation loss over its first N
+samples is comparable across runs whatever their train.steps, seed, eval_interval or layout. The train order is a fixed function of (corpora, split,
 split_seed, seq_length, seed, samples). megatron caches the indices under `cache_dir`; a second build with
 the same arguments loads them.
 
@@ -131,7 +130,7 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
                 reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
         with _process_group():
             train = _blend(megatron, prefixes, weights, shares, "train", num_train_samples, config(seed))
-            valid = _blend(megatron, prefixes, weights, shares, "valid", num_valid_samples, config(split_seed)) \
+            valid = _blend(megatron, prefixes, weights, shares, "valid", None, config(split_seed)) \
                 if want_valid else None
     return TokenWindows(train), (TokenWindows(valid) if valid is not None else None)
 
@@ -184,18 +183,26 @@ def _megatron():
                                  Split=split_enum)
 
 
-def _blend(megatron, prefixes: list[str], weights: list[float], shares: list[float], part: str, size: int, config):
-    """`size` samples of `part`, mixed from every corpus by weight (as megatron's builder sizes them)."""
+def _blend(megatron, prefixes: list[str], weights: list[float], shares: list[float], part: str,
+           size: int | None, config):
+    """Samples of `part`, mixed from every corpus by weight: `size` of them (each corpus sized as megatron's
+    builder does), or with `size` None one pass over each corpus's documents, mixed into as many samples
+    as the weights allow without repeating one (a count fixed by the data alone)."""
     index_split = getattr(megatron.Split, part)
     normalized = [w / sum(weights) for w in weights]
     datasets = []
     for prefix, weight in zip(prefixes, normalized):
         low_level = megatron.IndexedDataset(prefix)
         documents = split_documents(len(low_level), shares, config.document_split_seed)[part]
-        wanted = size if len(prefixes) == 1 else int(math.ceil(math.ceil(size * weight) * 1.005))
+        wanted = size if size is None or len(prefixes) == 1 else int(math.ceil(math.ceil(size * weight) * 1.005))
         datasets.append(megatron.build(megatron.GPTDataset, low_level, prefix, documents, wanted, index_split, config))
     if len(datasets) == 1:
         return datasets[0]
+    if size is None:    # megatron's greedy blending draws at most ceil(weight x size) samples of a corpus
+        size = min(int((len(dataset) - 1) / weight) for dataset, weight in zip(datasets, normalized))
+        if size < 1:
+            raise DataError(f"the {part} part of a corpus of the blend holds too few tokens for one sample of "
+                            f"{config.sequence_length}; give it a larger share of the split")
     return megatron.build(megatron.BlendedDataset, datasets, normalized, size, config)
 
 
