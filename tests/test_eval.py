@@ -1,7 +1,8 @@
 """Evaluation on one small trained checkpoint (trained once for the module): its Hugging Face export carries
 the run's tokenizer; lm-evaluation-harness's own HF model class on the export and `opt-ds eval` at TP=1 and
 at TP=2 x PP=2 agree on the shipped local tasks (same acc/acc_norm, per-request log-likelihoods within
-1e-4); `opt-ds eval --perplexity` equals transformers' on the export; the validation loss of the same weights
+1e-4), and a universal checkpoint like the training one; `opt-ds eval --perplexity` equals transformers' on the
+export; the validation loss of the same weights
 is the same in runs of other lengths, eval intervals and layouts; task metrics are logged during a real
 two-process training run, and a failing task does not stop it; bad input gets one line and writes nothing."""
 import json
@@ -244,3 +245,12 @@ def test_bad_eval_arguments_get_one_line_and_write_nothing(trained, tmp_path, ca
 
 def test_shipped_tasks_are_packaged():
     assert sorted(p.name for p in LOCAL_TASKS.glob("*.yaml")) == ["opt_ds_tiny_cloze.yaml", "opt_ds_tiny_mc.yaml"]
+
+
+def test_universal_checkpoint_evaluates_like_the_training_one(trained, evaluated):
+    opt_ds("convert", trained / "ckpt", trained / "universal", "--to", "universal", "--no-verify", timeout=300)
+    opt_ds("eval", trained / "universal", "--tasks", TASKS[0], "--limit", 6, "--log-samples", "--output",
+           trained / "eval-universal", timeout=600)
+    got = loglikelihoods(json.loads((trained / "eval-universal" / "results.json").read_text()))
+    expected = loglikelihoods(evaluated["tp1"])
+    assert len(got) == 12 and max(abs(got[k] - expected[k]) for k in got) < 1e-6
