@@ -1,10 +1,10 @@
 """Evaluation on one small trained checkpoint (trained once for the module): its Hugging Face export carries
 the run's tokenizer; lm-evaluation-harness's own HF model class on the export and `opt-ds eval` at TP=1 and
 at TP=2 x PP=2 agree on the shipped local tasks (same acc/acc_norm, per-request log-likelihoods within
-1e-4), and a universal checkpoint like the training one; `opt-ds eval --perplexity` equals transformers' on the
-export; the validation loss of the same weights
-is the same in runs of other lengths, eval intervals and layouts; task metrics are logged during a real
-two-process training run, and a failing task does not stop it; bad input gets one line and writes nothing."""
+1e-4), and a universal checkpoint scores like the training one; `opt-ds eval --perplexity` equals
+transformers' on the export; the validation loss of the same weights is the same in runs of other lengths,
+eval intervals and layouts; task metrics are logged during a real two-process training run, and a failing
+task does not stop it; bad input gets one line and writes nothing."""
 import json
 import math
 import random
