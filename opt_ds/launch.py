@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -108,4 +107,5 @@ def run(args) -> int:
         return 0
     if cmd[0] == "srun":                        # become srun: a signal to the job script's child reaches srun,
         os.execvp(cmd[0], cmd)                  # which forwards it to every rank (no Python in between to die)
-    return subprocess.call(cmd)
+    from opt_ds.job import run_job
+    return run_job(cmd)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from opt_ds.config import ResolvedConfig
 from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
-from opt_ds.train import checkpoint
+from opt_ds.train import checkpoint, save_lock
 from opt_ds.parallel.checkpoint_info import checkpoint_client_state
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
@@ -91,17 +91,23 @@ def peak_memory_gib() -> float:
 class Trainer:
     def __init__(self, cfg: ResolvedConfig):
         self.cfg = cfg
-        run = cfg.run
-        self.resume_point = checkpoint.find_resume_point(run.train.save_dir, run.train.load_dir,
-                                                          run.train.load_tag)
+        run, save_dir = cfg.run, cfg.run.train.save_dir
+        cfg.layout.initialize()         # process groups first: every rank takes the start-up decisions together
+        self.save_lock = save_lock.claim(save_dir) if save_dir else None
+        repairs = checkpoint.recover_interrupted_publish(save_dir, run.checkpoint.verify) if save_dir else []
+        self.resume_point = checkpoint.find_resume_point(save_dir, run.train.load_dir, run.train.load_tag)
         if self.resume_point is not None:
             checkpoint.check_compatible(self.resume_point, cfg.shape, cfg.layout)
+        if self.save_lock is not None:
+            self.save_lock.record_holder()
         universal = self.resume_point is not None and self.resume_point.kind == "universal"
         self.engine = build_engine(cfg, load_universal=universal)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.state = RunState()
         self.metrics = MetricsLogger(run.train.log_dir, enabled=self.rank == 0, tensorboard=run.train.tensorboard)
+        if repairs:
+            self.metrics.log("checkpoint_repaired", 0, actions=repairs)
         self.train_data, self.valid_data = build_datasets(cfg)
         self.recomputed_layers = self._recomputed_layers()
         self.supervisor = Supervisor(self)
@@ -133,7 +139,8 @@ class Trainer:
         self.state.micro_offset = self.engine.module.micro_offset
         health = self.supervisor.before_save()
         path = checkpoint.save(self.engine, self.cfg.run.train.save_dir, self.state.step,
-                               self.state.client_state(self.cfg), health=health)
+                               self.state.client_state(self.cfg), health=health,
+                               in_publish_gap=self.supervisor.in_publish_gap)
         self.metrics.log("checkpoint", self.state.step, path=str(path), healthy=health["healthy"])
         self.supervisor.after_save(path)
 
@@ -229,8 +236,7 @@ class Trainer:
         if self.cfg.run.sample.prompt:
             self.sample()
         self.metrics.log("end", self.state.step)
-        self.metrics.close()
-        self.supervisor.close()
+        self.close()
         return last
 
     def stop(self, verdict, last: dict) -> dict:
@@ -238,6 +244,11 @@ class Trainer:
         if self.cfg.run.train.save_dir:
             self.save()
         self.supervisor.stopped(verdict)
+        self.close()
+        return last
+
+    def close(self) -> None:
         self.metrics.close()
         self.supervisor.close()
-        return last
+        if self.save_lock is not None:
+            self.save_lock.release()

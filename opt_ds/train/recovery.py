@@ -95,9 +95,9 @@ class Supervisor:
             signals.clear_marker(train.save_dir)
             resumed_here = resumed is not None and resumed.directory.resolve() == Path(train.save_dir).resolve()
             moved = checkpoint.set_aside_newer(train.save_dir, t.state.step if resumed_here else -1)
+            if resumed_here and checkpoint.latest_tag(train.save_dir) != resumed.tag:
+                checkpoint.point_latest(train.save_dir, resumed.tag)
             if moved:
-                if resumed_here:
-                    checkpoint.point_latest(train.save_dir, resumed.tag)
                 origin = f"resumed from {resumed.folder}" if resumed else "started from scratch"
                 print(f"[opt_ds] WARNING: {origin}: the checkpoints {', '.join(moved)} in {train.save_dir} belong "
                       f"to another trajectory and were moved to {Path(train.save_dir) / checkpoint.ABANDONED}",
@@ -170,6 +170,11 @@ class Supervisor:
         return {"healthy": healthy, "reasons": reasons, "step": state.step, "data_step": state.data_step,
                 "loss_ewm": self.monitor.ewm, "loss_scale": None if scale is None else float(scale),
                 "lr_scale": state.lr_scale}
+
+    def in_publish_gap(self) -> None:
+        """Rank 0, inside checkpoint.save: the old copy of a re-saved step is set aside, the new not yet in."""
+        if self.faults is not None:
+            self.faults.in_publish_gap(self.trainer.state.step)
 
     def after_save(self, path: Path) -> None:
         t, ckpt = self.trainer, self.run.checkpoint

@@ -1,0 +1,133 @@
+"""Run DeepSpeed's runner as one job that a SIGTERM or SIGINT stops gracefully, leaving no process behind.
+
+DeepSpeed alone does not: on one node its runner dies to SIGTERM at once while the ranks train on, and its
+per-node launcher answers a signal by terminating the ranks with a 30 s grace before SIGKILL, mid-save for a
+large model; a Ctrl-C reaches every rank of the terminal's process group as a KeyboardInterrupt. So the
+runner starts in its own session (the terminal's Ctrl-C reaches only this process), and a SIGTERM or SIGINT
+here becomes a SIGTERM to each rank process on this machine: each finishes its step, and since the ranks
+fold a stop into their per-step collective verdict (opt_ds.train.signals), every rank saves and exits 0,
+including ranks on other nodes. Then the launcher and the runner exit with the ranks' status, which this
+process returns. A second signal kills the whole job at once. Ranks reached only through pdsh (no rank on
+this machine) cannot be signalled from here: the signal then goes to DeepSpeed's runner, which kills them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import psutil
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+LEFTOVER_GRACE_SECONDS = 10
+
+
+def is_rank(process: psutil.Process) -> bool:
+    """A training rank as DeepSpeed's launcher starts it: `python -u -m opt_ds --local_rank=N train ...`."""
+    try:
+        cmdline = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(a == "-m" and b == "opt_ds" for a, b in zip(cmdline, cmdline[1:]))
+
+
+class Job:
+    def __init__(self, cmd: list):
+        self.cmd = cmd
+        self.runner: subprocess.Popen = None
+        self.stop_signal = None
+        self.signalled = set()          # pids of the ranks asked to stop
+
+    def run(self) -> int:
+        """Start the runner, wait for it, return its exit status (128 + N when it died to signal N)."""
+        previous = {s: signal.getsignal(s) for s in FORWARDED}
+        for signum in FORWARDED:
+            signal.signal(signum, self._on_signal)
+        try:
+            self.runner = subprocess.Popen(self.cmd, start_new_session=True)
+            status = self._wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        self._end_leftovers()
+        status = status if status >= 0 else 128 - status
+        if self.stop_signal is not None:
+            print(f"[opt_ds] launch: the job stopped on {self.stop_signal}; exit status {status}", flush=True)
+        return status
+
+    def _wait(self) -> int:
+        while True:
+            try:
+                return self.runner.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if self.stop_signal is not None:
+                    self._stop_ranks()          # ranks started after the signal, if any
+
+    def _descendants(self) -> list:
+        try:
+            return psutil.Process(self.runner.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def _stop_ranks(self) -> int:
+        ranks = [p for p in self._descendants() if p.pid not in self.signalled and is_rank(p)]
+        for rank in ranks:
+            try:
+                rank.send_signal(signal.SIGTERM)
+                self.signalled.add(rank.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return len(ranks)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.runner is None:
+            raise KeyboardInterrupt(name)       # nothing started yet
+        if self.stop_signal is not None:
+            print(f"[opt_ds] launch: second {name}: killing the job now, without a checkpoint", flush=True)
+            self._kill_session(signal.SIGKILL)
+            return
+        self.stop_signal = name
+        if self._stop_ranks():
+            print(f"[opt_ds] launch: {name}: asked the {len(self.signalled)} rank(s) on this machine to finish "
+                  "their step, save and stop; waiting for them (send it again to kill the job at once)", flush=True)
+        else:
+            print(f"[opt_ds] launch: {name}: no rank runs on this machine; passing it to DeepSpeed's runner, which "
+                  "stops remote ranks without a checkpoint (use --launcher slurm for a graceful stop)", flush=True)
+            self.runner.send_signal(signum)
+
+    def _session(self) -> list:
+        """The processes left in the runner's process group (its pid)."""
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == self.runner.pid:
+                    found.append(process)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return found
+
+    def _kill_session(self, signum) -> None:
+        try:
+            os.killpg(self.runner.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _end_leftovers(self) -> None:
+        """The runner exited: nothing it started may outlive it (a rank left behind would keep training
+        and writing the save folder)."""
+        left = self._session()
+        if not left:
+            return
+        print(f"[opt_ds] launch: the runner exited but {len(left)} of its processes still run; terminating them",
+              flush=True)
+        self._kill_session(signal.SIGTERM)
+        _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_SECONDS)
+        if alive:
+            self._kill_session(signal.SIGKILL)
+            psutil.wait_procs(alive, timeout=LEFTOVER_GRACE_SECONDS)
+
+
+def run_job(cmd: list) -> int:
+    return Job(cmd).run()
+
