@@ -4,11 +4,12 @@ DeepSpeed alone does not: on one node its runner dies to SIGTERM at once while t
 per-node launcher answers a signal by terminating the ranks with a 30 s grace before SIGKILL, mid-save for a
 large model; a Ctrl-C reaches every rank of the terminal's process group as a KeyboardInterrupt. So the
 runner starts in its own session (the terminal's Ctrl-C reaches only this process), and a SIGTERM or SIGINT
-here becomes a SIGTERM to each rank process on this machine: each finishes its step, and since the ranks
-fold a stop into their per-step collective verdict (opt_ds.train.signals), every rank saves and exits 0,
-including ranks on other nodes. Then the launcher and the runner exit with the ranks' status, which this
-process returns. A second signal kills the whole job at once. Ranks reached only through pdsh (no rank on
-this machine) cannot be signalled from here: the signal then goes to DeepSpeed's runner, which kills them.
+here becomes a SIGTERM to each rank process: each finishes its step, saves and exits 0 (opt_ds.train.signals),
+then DeepSpeed's launcher and runner exit with the ranks' status, which this process returns. A second signal
+kills the whole job at once. When the runner exits, whatever it started and left running is ended.
+
+Ranks on other nodes hang off pdsh/ssh, not off this process: for a multi-node hostfile the signal goes to
+DeepSpeed's runner, which kills them without a checkpoint (`--launcher slurm` stops them gracefully).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def is_rank(process: psutil.Process) -> bool:
 
 
 class Job:
-    def __init__(self, cmd: list):
+    def __init__(self, cmd: list, ranks_here: bool):
         self.cmd = cmd
+        self.ranks_here = ranks_here    # the ranks are descendants of the runner (one node: no pdsh)
         self.runner: subprocess.Popen = None
         self.stop_signal = None
         self.signalled = set()          # pids of the ranks asked to stop
@@ -60,40 +62,43 @@ class Job:
             try:
                 return self.runner.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                if self.stop_signal is not None:
-                    self._stop_ranks()          # ranks started after the signal, if any
-
-    def _descendants(self) -> list:
-        try:
-            return psutil.Process(self.runner.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+                if self.stop_signal is not None and self.ranks_here:
+                    self._stop_ranks()          # ranks that started after the signal
 
     def _stop_ranks(self) -> int:
-        ranks = [p for p in self._descendants() if p.pid not in self.signalled and is_rank(p)]
-        for rank in ranks:
-            try:
-                rank.send_signal(signal.SIGTERM)
-                self.signalled.add(rank.pid)
-            except psutil.NoSuchProcess:
-                pass
-        return len(ranks)
+        """SIGTERM to the ranks not yet asked; returns how many were asked now."""
+        try:
+            descendants = psutil.Process(self.runner.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return 0
+        asked = 0
+        for process in descendants:
+            if process.pid not in self.signalled and is_rank(process):
+                try:
+                    process.send_signal(signal.SIGTERM)
+                except psutil.NoSuchProcess:
+                    continue
+                self.signalled.add(process.pid)
+                asked += 1
+        return asked
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.runner is None:
-            raise KeyboardInterrupt(name)       # nothing started yet
         if self.stop_signal is not None:
             print(f"[opt_ds] launch: second {name}: killing the job now, without a checkpoint", flush=True)
-            self._kill_session(signal.SIGKILL)
+            if self.runner is not None:
+                self._kill_group(signal.SIGKILL)
             return
         self.stop_signal = name
-        if self._stop_ranks():
-            print(f"[opt_ds] launch: {name}: asked the {len(self.signalled)} rank(s) on this machine to finish "
-                  "their step, save and stop; waiting for them (send it again to kill the job at once)", flush=True)
+        if self.runner is None:
+            return                              # the wait loop asks the ranks once they exist
+        if self.ranks_here:
+            self._stop_ranks()
+            print(f"[opt_ds] launch: {name}: asked the {len(self.signalled)} rank(s) to finish their step, save "
+                  "and stop; waiting for them (send it again to kill the job at once)", flush=True)
         else:
-            print(f"[opt_ds] launch: {name}: no rank runs on this machine; passing it to DeepSpeed's runner, which "
-                  "stops remote ranks without a checkpoint (use --launcher slurm for a graceful stop)", flush=True)
+            print(f"[opt_ds] launch: {name}: passed to DeepSpeed's runner, which stops the ranks on the other "
+                  "nodes without a checkpoint (--launcher slurm stops them gracefully)", flush=True)
             self.runner.send_signal(signum)
 
     def _session(self) -> list:
@@ -107,7 +112,7 @@ class Job:
                 pass
         return found
 
-    def _kill_session(self, signum) -> None:
+    def _kill_group(self, signum) -> None:
         try:
             os.killpg(self.runner.pid, signum)
         except ProcessLookupError:
@@ -121,13 +126,13 @@ class Job:
             return
         print(f"[opt_ds] launch: the runner exited but {len(left)} of its processes still run; terminating them",
               flush=True)
-        self._kill_session(signal.SIGTERM)
+        self._kill_group(signal.SIGTERM)
         _, alive = psutil.wait_procs(left, timeout=LEFTOVER_GRACE_SECONDS)
         if alive:
-            self._kill_session(signal.SIGKILL)
+            self._kill_group(signal.SIGKILL)
             psutil.wait_procs(alive, timeout=LEFTOVER_GRACE_SECONDS)
 
 
-def run_job(cmd: list) -> int:
-    return Job(cmd).run()
+def run_job(cmd: list, ranks_here: bool) -> int:
+    return Job(cmd, ranks_here).run()
 

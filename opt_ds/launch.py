@@ -108,4 +108,4 @@ def run(args) -> int:
     if cmd[0] == "srun":                        # become srun: a signal to the job script's child reaches srun,
         os.execvp(cmd[0], cmd)                  # which forwards it to every rank (no Python in between to die)
     from opt_ds.job import run_job
-    return run_job(cmd)
+    return run_job(cmd, ranks_here=len(hosts) == 1)      # DeepSpeed's runner uses pdsh for 2+ nodes only

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from opt_ds.train.checkpoint import STAGING, step_tag
 from opt_ds.train.health import before_reduce_grads, local_gradients
 from opt_ds.train.recovery import set_scheduled_lr
 
@@ -42,7 +43,7 @@ class FaultInjector:
         self._spiking = False
         engine = trainer.engine
         if self.cfg.kill_during_save_at_step is not None and trainer.rank == self.target_rank:
-            self._kill_during_writes(engine, f".tmp-global_step{self.cfg.kill_during_save_at_step}")
+            self._kill_during_writes(engine, STAGING + step_tag(self.cfg.kill_during_save_at_step))
         if self.cfg.bad_replica_at_step is not None and trainer.rank == self.target_rank:
             before_reduce_grads(engine, self._bad_replica)
 
