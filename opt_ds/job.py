@@ -6,7 +6,8 @@ large model; a Ctrl-C reaches every rank of the terminal's process group as a Ke
 runner starts in its own session (the terminal's Ctrl-C reaches only this process), and a SIGTERM or SIGINT
 here becomes a SIGTERM to each rank process: each finishes its step, saves and exits 0 (opt_ds.train.signals),
 then DeepSpeed's launcher and runner exit with the ranks' status, which this process returns. A second signal
-kills the whole job at once. When the runner exits, whatever it started and left running is ended.
+kills the whole job at once if it is a SIGINT (Ctrl-C twice); a repeated SIGTERM changes nothing. When the
+runner exits, whatever it started and left running is ended.
 
 Ranks on other nodes hang off pdsh/ssh, not off this process: for a multi-node hostfile the signal goes to
 DeepSpeed's runner, which kills them without a checkpoint (`--launcher slurm` stops them gracefully).
@@ -85,7 +86,10 @@ class Job:
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.stop_signal is not None:
-            print(f"[opt_ds] launch: second {name}: killing the job now, without a checkpoint", flush=True)
+            if signum != signal.SIGINT:         # a repeated SIGTERM (a scheduler, a wrapper) must not lose the save
+                print(f"[opt_ds] launch: {name} again: already stopping (Ctrl-C kills the job at once)", flush=True)
+                return
+            print(f"[opt_ds] launch: {name} again: killing the job now, without a checkpoint", flush=True)
             if self.runner is not None:
                 self._kill_group(signal.SIGKILL)
             return
@@ -95,7 +99,7 @@ class Job:
         if self.ranks_here:
             self._stop_ranks()
             print(f"[opt_ds] launch: {name}: asked the {len(self.signalled)} rank(s) to finish their step, save "
-                  "and stop; waiting for them (send it again to kill the job at once)", flush=True)
+                  "and stop; waiting for them (Ctrl-C again kills the job at once)", flush=True)
         else:
             print(f"[opt_ds] launch: {name}: passed to DeepSpeed's runner, which stops the ranks on the other "
                   "nodes without a checkpoint (--launcher slurm stops them gracefully)", flush=True)
@@ -106,9 +110,9 @@ class Job:
         found = []
         for process in psutil.process_iter():
             try:
-                if os.getpgid(process.pid) == self.runner.pid:
+                if os.getpgid(process.pid) == self.runner.pid and process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process)
-            except (ProcessLookupError, PermissionError):
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
                 pass
         return found
 
