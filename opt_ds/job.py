@@ -66,13 +66,12 @@ class Job:
                 if self.stop_signal is not None and self.ranks_here:
                     self._stop_ranks()          # ranks that started after the signal
 
-    def _stop_ranks(self) -> int:
-        """SIGTERM to the ranks not yet asked; returns how many were asked now."""
+    def _stop_ranks(self) -> None:
+        """SIGTERM to the ranks not asked yet."""
         try:
             descendants = psutil.Process(self.runner.pid).children(recursive=True)
         except psutil.NoSuchProcess:
-            return 0
-        asked = 0
+            return
         for process in descendants:
             if process.pid not in self.signalled and is_rank(process):
                 try:
@@ -80,8 +79,6 @@ class Job:
                 except psutil.NoSuchProcess:
                     continue
                 self.signalled.add(process.pid)
-                asked += 1
-        return asked
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -105,7 +102,7 @@ class Job:
                   "nodes without a checkpoint (--launcher slurm stops them gracefully)", flush=True)
             self.runner.send_signal(signum)
 
-    def _session(self) -> list:
+    def _left_in_group(self) -> list:
         """The processes left in the runner's process group (its pid)."""
         found = []
         for process in psutil.process_iter():
@@ -125,7 +122,7 @@ class Job:
     def _end_leftovers(self) -> None:
         """The runner exited: nothing it started may outlive it (a rank left behind would keep training
         and writing the save folder)."""
-        left = self._session()
+        left = self._left_in_group()
         if not left:
             return
         print(f"[opt_ds] launch: the runner exited but {len(left)} of its processes still run; terminating them",
@@ -135,8 +132,3 @@ class Job:
         if alive:
             self._kill_group(signal.SIGKILL)
             psutil.wait_procs(alive, timeout=LEFTOVER_GRACE_SECONDS)
-
-
-def run_job(cmd: list, ranks_here: bool) -> int:
-    return Job(cmd, ranks_here).run()
-

@@ -3,7 +3,8 @@
 Checks, before anything starts on any node, that the hostfile is well formed and that its slots fit the
 config (world size = TP x PP x DP, TP groups inside a node), then runs
 `deepspeed --hostfile FILE --module opt_ds train CONFIG ...`. DeepSpeed itself, given a missing hostfile,
-only warns and trains on the local machine; here that is an error.
+only warns and trains on the local machine; here that is an error. A SIGTERM or Ctrl-C to `opt-ds launch`
+stops the whole job gracefully (opt_ds.job).
 """
 from __future__ import annotations
 
@@ -107,5 +108,5 @@ def run(args) -> int:
         return 0
     if cmd[0] == "srun":                        # become srun: a signal to the job script's child reaches srun,
         os.execvp(cmd[0], cmd)                  # which forwards it to every rank (no Python in between to die)
-    from opt_ds.job import run_job
-    return run_job(cmd, ranks_here=len(hosts) == 1)      # DeepSpeed's runner uses pdsh for 2+ nodes only
+    from opt_ds.job import Job
+    return Job(cmd, ranks_here=len(hosts) == 1).run()       # DeepSpeed's runner uses pdsh for 2+ nodes only
