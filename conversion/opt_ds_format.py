@@ -239,6 +239,22 @@ def resolve_tag_dir(path: Path, tag: Optional[str]) -> Path:
     raise ConversionError(f"{path}: no `latest` file; pass --tag (found tags: {', '.join(tags) or 'none'})")
 
 
+def check_manifest(path, tag: Optional[str]) -> None:
+    """The source's files match the SHA-256 manifest `opt-ds train` wrote beside them (a damaged checkpoint
+    would otherwise convert, and verify, as if intact). Checkpoints without a manifest are not checked."""
+    from opt_ds.train import checkpoint, manifest
+    tag_dir = resolve_tag_dir(Path(path), tag)
+    problems = manifest.verify(tag_dir, "sha256")
+    if not problems:
+        return
+    detail = problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+    step = tag_dir.name.removeprefix("global_step")
+    previous = checkpoint.previous_intact(tag_dir.parent, int(step), "sha256") if step.isdigit() else None
+    fix = (f"convert the previous intact checkpoint with --src-tag {previous.tag}" if previous is not None
+           else "restore it from a copy (no older intact checkpoint is beside it)")
+    raise ConversionError(f"{tag_dir} is damaged ({detail}); {fix}")
+
+
 def _tags(path: Path) -> List[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and any(LAYER_FILE.match(q.name) for q in p.iterdir()))
 
