@@ -132,8 +132,6 @@ def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool 
 
 def check_layout(shape: OPTShape, tp: int, pp: int) -> None:
     """The TP / PP degrees a model of this shape can be cut into (vocabulary rows are padded instead)."""
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     divisors = lambda n: ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)  # noqa: E731
     if shape.num_heads % tp:
         raise ConversionError(f"--tp {tp} does not divide the {shape.num_heads} attention heads; use one of "
