@@ -10,7 +10,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from opt_ds.config import ConfigError, RunConfig, build_dataclass, resolve
+from opt_ds.config import ConfigError, ModelConfig, RunConfig, build_dataclass, resolve
 from opt_ds.train import checkpoint
 
 
@@ -39,7 +39,8 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
         raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
                                          "written by `opt-ds train` or `opt-ds convert`")
     tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
-    return {"model": shape, "parallel": {"tensor": tensor},
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}     # layer_norm_eps is fixed, not a config key
+    return {"model": {k: v for k, v in shape.items() if k in keys}, "parallel": {"tensor": tensor},
             "batch": {"seq_length": min(2048, shape["max_position_embeddings"])}}
 
 
