@@ -5,7 +5,6 @@ The commands run in-process through `opt_ds.cli.main` (fast); only the SIGTERM c
 """
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess

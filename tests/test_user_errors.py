@@ -7,7 +7,6 @@ UserError subclass) and fails when one is not reached by a row of CASES, so a ne
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import fcntl
@@ -17,7 +16,6 @@ import json
 import os
 import shutil
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +25,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from opt_ds.config import RunConfig, build_dataclass, load_config, resolve
+from opt_ds.config import RunConfig, load_config
 from opt_ds.config.ranges import RANGES, OneOf, Range
 from opt_ds.errors import UserError
 
@@ -858,3 +856,28 @@ def test_every_raise_site_is_in_the_table(outcomes):
     reached = {site for site, _ in outcomes.values() if site is not None}
     missing = sorted(sites - reached)
     assert not missing, f"{len(missing)} user-error raise sites no row of CASES reaches: {missing}"
+
+
+def test_every_numeric_config_field_has_a_declared_range():
+    """The class rule of config/ranges.py: a new numeric key (int, float, or a list of them) of any section
+    needs a declaration, and a declaration must name a real key."""
+    import typing
+
+    def numeric(annotation) -> bool:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if annotation in (int, float):
+            return True
+        return any(numeric(a) for a in args)
+
+    sections = {type(getattr(RunConfig(), f.name)) for f in dataclasses.fields(RunConfig)
+                if dataclasses.is_dataclass(getattr(RunConfig(), f.name))}
+    sections.add(importlib.import_module("opt_ds.config.sections").BlendEntry)
+    undeclared, stale = [], []
+    for section in sections:
+        hints = typing.get_type_hints(section)
+        declared = RANGES.get(section, {})
+        undeclared += [f"{section.__name__}.{f.name}" for f in dataclasses.fields(section)
+                       if numeric(hints[f.name]) and f.name not in declared]
+        stale += [f"{section.__name__}.{name}" for name in declared if name not in hints]
+    assert not undeclared, f"declare a range in opt_ds/config/ranges.py for {undeclared}"
+    assert not stale, f"ranges.py declares keys that no longer exist: {stale}"

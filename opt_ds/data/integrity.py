@@ -40,8 +40,9 @@ class IndexInfo:
 
 
 def _remake(prefix) -> str:
+    files = DatasetFiles.of(prefix)
     return (f"make the pair again with `opt-ds preprocess ... --output-prefix {prefix}`, or copy both "
-            f"{DatasetFiles.of(prefix).bin.name} and {DatasetFiles.of(prefix).idx.name} again from where they were made")
+            f"{files.bin.name} and {files.idx.name} again from where they were made")
 
 
 def check_pair(prefix: str | os.PathLike) -> IndexInfo:
@@ -54,12 +55,15 @@ def check_pair(prefix: str | os.PathLike) -> IndexInfo:
         raise DatasetIntegrityError(f"{files.idx} is {idx_bytes} bytes but its header describes {count} documents "
                                     f"({expected} bytes): it is truncated or damaged; {_remake(prefix)}")
     itemsize = np.dtype(dtype).itemsize
-    lengths = np.memmap(files.idx, np.int32, "r", offset=_HEADER.size, shape=(count,)) if count else np.zeros(0, np.int32)
-    pointers = np.memmap(files.idx, np.int64, "r", offset=_HEADER.size + 4 * count, shape=(count,)) if count \
-        else np.zeros(0, np.int64)
+    lengths, pointers, boundaries = (
+        np.memmap(files.idx, kind, "r", offset=offset, shape=(n,)) if n else np.zeros(0, kind)
+        for kind, offset, n in ((np.int32, _HEADER.size, count), (np.int64, _HEADER.size + 4 * count, count),
+                                (np.int64, _HEADER.size + 12 * count, doc_count)))
     tokens = int(lengths.sum(dtype=np.int64))
     ends = np.cumsum(lengths, dtype=np.int64) * itemsize
-    if (lengths < 0).any() or (count and (pointers[0] != 0 or (pointers[1:] != ends[:-1]).any())):
+    offsets_wrong = count and (pointers[0] != 0 or (pointers[1:] != ends[:-1]).any())
+    boundaries_wrong = not doc_count or boundaries[0] != 0 or boundaries[-1] != count or (np.diff(boundaries) < 0).any()
+    if (lengths < 0).any() or offsets_wrong or boundaries_wrong:
         raise DatasetIntegrityError(f"{files.idx}: its document offsets do not follow from its lengths: the index "
                                     f"is damaged; {_remake(prefix)}")
     if tokens * itemsize != bin_bytes:
