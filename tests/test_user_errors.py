@@ -185,27 +185,25 @@ class Resources:
     def __init__(self, root: Path):
         self.root = root
 
+    def _preprocessed(self, name: str, texts: list, **options) -> Path:
+        from opt_ds.data.preprocess import PreprocessConfig, preprocess
+        source = self.root / f"{name}.jsonl"
+        source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        preprocess(PreprocessConfig(inputs=[str(source)], output_prefix=str(self.root / name), **options),
+                   progress=False)
+        return self.root / name
+
     @cached_property
     def corpus(self) -> Path:
         """A 40-document dataset preprocessed with OPT's tokenizer (with .tokenizer and .summary.json)."""
-        from opt_ds.data.preprocess import PreprocessConfig, preprocess
-        text = self.root / "a.jsonl"
-        text.write_text("".join(json.dumps({"text": f"document {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n"
-                                for i in range(40)))
-        prefix = self.root / "a"
-        preprocess(PreprocessConfig(inputs=[str(text)], output_prefix=str(prefix), tokenizer="opt"), progress=False)
-        return prefix
+        return self._preprocessed("a", [f"document {i}: " + "the quick brown fox " * (i % 7 + 1) for i in range(40)],
+                                  tokenizer="opt")
 
     @cached_property
     def other_corpus(self) -> Path:
         """Another dataset, with its own trained tokenizer (a different .bin size from `corpus`)."""
-        from opt_ds.data.preprocess import PreprocessConfig, preprocess
-        text = self.root / "b.jsonl"
-        text.write_text("".join(json.dumps({"text": f"line {i} " + "lorem ipsum dolor " * (i % 5 + 2)}) + "\n"
-                                for i in range(60)))
-        prefix = self.root / "b"
-        preprocess(PreprocessConfig(inputs=[str(text)], output_prefix=str(prefix), vocab_size=300), progress=False)
-        return prefix
+        return self._preprocessed("b", [f"line {i} " + "lorem ipsum dolor " * (i % 5 + 2) for i in range(60)],
+                                  vocab_size=300)
 
     @cached_property
     def hf_dir(self) -> Path:
