@@ -10,6 +10,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -42,11 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
 
 
+def _stop(signum, frame):
+    """SIGTERM (a job's time limit, `kill`) unwinds like Ctrl-C, so the staging folder is removed."""
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     options = Options(to=args.to, src_format=args.src_format, tp=args.tp, pp=args.pp, tag=args.tag,
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
                       force=args.force, verify=args.verify, dry_run=args.dry_run)
+    previous = signal.signal(signal.SIGTERM, _stop)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
@@ -55,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         except ConversionError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv=None) -> int:

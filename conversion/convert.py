@@ -82,6 +82,12 @@ class Options:
 def check_options(fmt: str, o: Options) -> None:
     if o.to not in FORMATS:
         raise ConversionError(f"unknown target format {o.to!r}; choose one of {', '.join(FORMATS)}")
+    if o.tp < 1 or o.pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1 (got {o.tp}, {o.pp})")
+    if o.num_heads is not None and o.num_heads < 1:
+        raise ConversionError(f"--num-heads {o.num_heads} must be >= 1: the attention heads per layer of the source")
+    if o.max_shard_bytes < 1:
+        raise ConversionError("--max-shard-size must be >= 1 (GiB per safetensors file), e.g. 5")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise ConversionError(f"--dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     if o.to in ("hf", "universal") and (o.tp, o.pp) != (1, 1):
@@ -137,6 +143,8 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
         raise ConversionError(f"the destination {dst} overlaps the source {src}; write to a separate directory")
     fmt = o.src_format or detect_format(src)
     check_options(fmt, o)
+    if fmt == "opt_ds":
+        opt_ds_format.check_manifest(src, o.src_tag)
     if not o.dry_run:
         check_writable_destination(dst, o.force)
     source = open_checkpoint(src, fmt, tag=o.src_tag, num_heads=o.num_heads)

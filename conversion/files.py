@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from opt_ds.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """A conversion that cannot run; the message names the problem and the fix."""
 
 

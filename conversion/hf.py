@@ -26,6 +26,12 @@ LM_HEAD = "lm_head.weight"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+# The sizes an OPT config.json must give, and what each is (for the error messages).
+SIZE_KEYS = {"num_hidden_layers": "the number of decoder layers", "hidden_size": "the model width",
+             "num_attention_heads": "the attention heads per layer", "ffn_dim": "the MLP width",
+             "vocab_size": "the vocabulary size", "max_position_embeddings": "the longest sequence"}
+
+
 # --- config.json <-> OPTShape --------------------------------------------------------------------------
 
 def shape_from_config(config: dict, where: str) -> OPTShape:
@@ -40,18 +46,26 @@ def shape_from_config(config: dict, where: str) -> OPTShape:
     if unsupported:
         raise ConversionError(f"{where}: {', '.join(f'{k}={v!r}' for k, v, _ in unsupported)} is not an OPT variant "
                               f"opt_ds implements (it needs {', '.join(f'{k}={w!r}' for k, _, w in unsupported)})")
-    try:
-        hidden = config.get("hidden_size", config.get("d_model"))
-        proj = config.get("word_embed_proj_dim") or hidden
-        return OPTShape(num_layers=config["num_hidden_layers"], hidden_size=hidden,
-                        num_heads=config["num_attention_heads"], ffn_hidden_size=config["ffn_dim"],
-                        vocab_size=config["vocab_size"], max_position_embeddings=config["max_position_embeddings"],
-                        word_embed_proj_dim=proj if proj != hidden else None,
-                        pre_layer_norm=config.get("do_layer_norm_before", True),
-                        dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
-                        init_std=config.get("init_std", 0.02))
-    except KeyError as err:
-        raise ConversionError(f"{where}: config.json lacks {err.args[0]!r}; it is not a complete OPT config") from None
+    sizes = {key: config.get(key, config.get("d_model") if key == "hidden_size" else None) for key in SIZE_KEYS}
+    for key, value in sizes.items():
+        if key not in config and value is None:
+            raise ConversionError(f"{where}: config.json lacks {key!r} ({SIZE_KEYS[key]}); it is not a complete OPT "
+                                  "config: add it, or fetch config.json again from the model's source")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{where}: config.json has {key}={value!r}, but {SIZE_KEYS[key]} must be a positive "
+                                  "integer: correct it, or fetch config.json again from the model's source")
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if hidden % heads:
+        raise ConversionError(f"{where}: config.json has hidden_size={hidden}, not divisible by "
+                              f"num_attention_heads={heads}; correct one of them")
+    proj = config.get("word_embed_proj_dim") or hidden
+    return OPTShape(num_layers=sizes["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
+                    ffn_hidden_size=sizes["ffn_dim"], vocab_size=sizes["vocab_size"],
+                    max_position_embeddings=sizes["max_position_embeddings"],
+                    word_embed_proj_dim=proj if proj != hidden else None,
+                    pre_layer_norm=config.get("do_layer_norm_before", True),
+                    dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
+                    init_std=config.get("init_std", 0.02))
 
 
 def config_from_shape(shape: OPTShape, dtype: torch.dtype) -> dict:

@@ -132,8 +132,6 @@ def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool 
 
 def check_layout(shape: OPTShape, tp: int, pp: int) -> None:
     """The TP / PP degrees a model of this shape can be cut into (vocabulary rows are padded instead)."""
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     divisors = lambda n: ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)  # noqa: E731
     if shape.num_heads % tp:
         raise ConversionError(f"--tp {tp} does not divide the {shape.num_heads} attention heads; use one of "
@@ -237,6 +235,22 @@ def resolve_tag_dir(path: Path, tag: Optional[str]) -> Path:
     if len(tags) == 1:
         return path / tags[0]
     raise ConversionError(f"{path}: no `latest` file; pass --tag (found tags: {', '.join(tags) or 'none'})")
+
+
+def check_manifest(path, tag: Optional[str]) -> None:
+    """The source's files match the SHA-256 manifest `opt-ds train` wrote beside them (a damaged checkpoint
+    would otherwise convert, and verify, as if intact). Checkpoints without a manifest are not checked."""
+    from opt_ds.train import checkpoint, manifest
+    tag_dir = resolve_tag_dir(Path(path), tag)
+    problems = manifest.verify(tag_dir, "sha256")
+    if not problems:
+        return
+    detail = problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+    step = tag_dir.name.removeprefix("global_step")
+    previous = checkpoint.previous_intact(tag_dir.parent, int(step), "sha256") if step.isdigit() else None
+    fix = (f"convert the previous intact checkpoint with --src-tag {previous.tag}" if previous is not None
+           else "restore it from a copy (no older intact checkpoint is beside it)")
+    raise ConversionError(f"{tag_dir} is damaged ({detail}); {fix}")
 
 
 def _tags(path: Path) -> List[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -31,8 +32,13 @@ def parse_hostfile(path) -> "OrderedDict[str, int]":
     if not path.is_file():
         raise HostfileError(f"hostfile {path} does not exist; write one line `hostname slots=GPUS` per node "
                             "(see launchers/hostfile.example)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise HostfileError(f"hostfile {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as plain "
+                            "text, one `hostname slots=N` line per node") from None
     hosts = OrderedDict()
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -57,13 +63,31 @@ def check_hosts_fit(hosts: dict, tensor: int) -> None:
                                 "tensor-parallel group must sit inside one node (NVLink); fix the slots or TP")
 
 
+# DeepSpeed's multi-node launchers and the program each needs (its backend_exists()); slurm is opt_ds's own.
+LAUNCHER_TOOLS = {"pdsh": "pdsh", "openmpi": "ompi_info", "mpich": "mpirun", "impi": "mpirun", "mvapich": "mpirun",
+                  "slurm": "srun"}
+
+
+def check_tools(args, hosts: dict) -> None:
+    """What DeepSpeed's runner needs on this machine to start a hostfile job: ssh (its reachability check of
+    the first host) and, for more than one node, the launcher's program. Missing, it ends in a traceback."""
+    if "--no_ssh" not in args.runner_arg and "--no_ssh_check" not in args.runner_arg and not shutil.which("ssh"):
+        raise HostfileError("ssh is not installed: DeepSpeed's runner reaches the hosts of a hostfile over ssh. "
+                            "Install an ssh client (e.g. apt install openssh-client), or on one machine use "
+                            "--num-gpus N instead of --hostfile")
+    tool = LAUNCHER_TOOLS[args.launcher]
+    if len(hosts) > 1 and not shutil.which(tool):
+        raise HostfileError(f"--launcher {args.launcher} needs `{tool}`, which is not installed on this machine; "
+                            f"install it, or choose another --launcher ({', '.join(LAUNCHER_TOOLS)})")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("config", help="YAML run config ('-': none, defaults plus overrides)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--hostfile", help="DeepSpeed hostfile: one `hostname slots=N` line per node")
     where.add_argument("--num-gpus", type=int, help="run on this machine with N processes (GPUs, or CPU ranks)")
-    parser.add_argument("--launcher", default="pdsh",
+    parser.add_argument("--launcher", default="pdsh", choices=LAUNCHER_TOOLS,
                         help="multi-node launcher: pdsh, openmpi, ... (DeepSpeed's runner) or slurm (one srun task "
                              "per rank, so SLURM's signals reach every rank; see opt_ds/slurm.py)")
     parser.add_argument("--master-port", type=int, default=29500)
@@ -96,6 +120,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides, world_size=world_size)
     if args.hostfile:
         check_hosts_fit(hosts, cfg.tensor)
+    if args.hostfile and args.launcher != "slurm" and not args.dry_run:
+        check_tools(args, hosts)
     if args.hostfile and args.launcher == "slurm":
         from opt_ds.slurm import srun_command
         cmd = srun_command(hosts, master_addr=args.master_addr, master_port=args.master_port, config=args.config,

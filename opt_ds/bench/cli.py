@@ -84,9 +84,19 @@ def run(args) -> int:
     if args.list:
         print(list_cases())
         return 0
+    check_measurement(args)
     if _launched():
         return run_launched(args)
     return run_driver(args)
+
+
+def check_measurement(args) -> None:
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps} must be >= 1: the timed steps whose median is reported, e.g. 10")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup} must be >= 0: untimed steps before the timed ones, e.g. 3")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout} must be > 0: seconds per case before it is killed, e.g. 1800")
 
 
 # --- cases ---------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "R
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, parallel:, ...)")
         if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():

@@ -91,7 +91,7 @@ class BlendEntry:
 
 @dataclass
 class DataConfig:
-    train: typing.List[BlendEntry] = field(default_factory=list)   # empty: synthetic tokens (see below)
+    train: Optional[typing.List[BlendEntry]] = None   # null: synthetic tokens (see below)
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None

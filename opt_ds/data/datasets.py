@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from opt_ds.data.files import DatasetFiles
+from opt_ds.data.integrity import check_pair, max_token_id
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
 from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, TokenizerError, tokenizer_files
 from opt_ds.errors import UserError
@@ -94,14 +95,10 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
 
     `cache_dir` defaults to `index-cache/` beside the first corpus. `vocab_size` is the model's vocabulary
     (checked to hold the corpora's tokenizer); by default the size of the tokenizer saved with the corpora."""
-    prefixes, weights = _check_blend(blend)
-    shares = _check_split(split)
     if seq_length < 1 or num_train_samples < 1 or num_valid_samples < 0:
         raise DataError(f"need seq_length >= 1, num_train_samples >= 1, num_valid_samples >= 0; got "
                         f"{seq_length}, {num_train_samples}, {num_valid_samples}")
-    want_valid = num_valid_samples > 0 and shares[1] > 0
-    _check_documents_per_split(prefixes, shares, want_valid)
-    vocab_size = _check_tokenizers(prefixes, vocab_size)
+    prefixes, weights, want_valid, vocab_size = check_corpora(blend, split, num_valid_samples, vocab_size)
     cache_dir = Path(cache_dir if cache_dir is not None else Path(prefixes[0]).parent / "index-cache").absolute()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +119,17 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
             train, valid, _ = builder_module.BlendedMegatronDatasetBuilder(
                 gpt.GPTDataset, sizes, lambda: True, config).build()
     return TokenWindows(train), (TokenWindows(valid) if want_valid else None)
+
+
+def check_corpora(blend, split: str, num_valid_samples: int, vocab_size: int | None = None) -> tuple:
+    """Everything build_datasets checks before megatron reads a file, cheap enough to run before the engine
+    is built: every corpus exists, its .bin/.idx pair is whole and one pair, the split leaves each part
+    documents, and the token ids fit `vocab_size`. Returns (prefixes, weights, want_valid, vocab_size)."""
+    prefixes, weights = _check_blend(blend)
+    shares = _check_split(split)
+    want_valid = num_valid_samples > 0 and shares[1] > 0
+    _check_documents_per_split(prefixes, shares, want_valid)
+    return prefixes, weights, want_valid, _check_tokenizers(prefixes, vocab_size)
 
 
 class _process_group:
@@ -158,6 +166,7 @@ def _check_blend(blend) -> tuple[list[str], list[float]]:
         if not (weight > 0 and np.isfinite(weight)):
             raise DataError(f"blend weight {weight} of {prefix} must be a positive number")
         _require_dataset(prefix)
+        check_pair(prefix)
         prefixes.append(str(Path(prefix).absolute()))  # megatron's cache key holds the path
         weights.append(weight)
     return prefixes, weights
@@ -193,8 +202,12 @@ def _check_tokenizers(prefixes: list[str], vocab_size: int | None) -> int:
     for prefix in prefixes:
         try:
             tokenizer = dataset_tokenizer(prefix)
-        except TokenizerError:
-            continue  # made by another tool: nothing to compare
+        except TokenizerError:      # made by another tool, or its tokenizer folder was not copied
+            if vocab_size is not None and (largest := max_token_id(prefix)) >= vocab_size:
+                raise DataError(f"{prefix} holds token id {largest}, beyond vocab_size={vocab_size} (ids 0.."
+                                f"{vocab_size - 1}); raise model.vocab_size, or preprocess the corpus with the "
+                                "model's tokenizer") from None
+            continue
         sizes.add(tokenizer.vocab_size)
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(f"{prefix} was tokenized with a vocabulary of {tokenizer.vocab_size} entries, more than "

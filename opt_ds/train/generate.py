@@ -12,7 +12,29 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from opt_ds.errors import UserError
 from opt_ds.models.presets import EOS_ID, PAD_ID
+
+
+class GenerationError(UserError):
+    """A prompt or sampling setting that cannot run; the message names the argument and the fix."""
+
+
+def prompt_ids(tokenizer, prompt: str, *, seq_length: int, max_new_tokens: int,
+               max_new_tokens_name: str = "--max-new-tokens") -> list:
+    """The prompt's ids (OPT prepends </s> as BOS), checked to leave room for `max_new_tokens` in the
+    context of `seq_length` tokens: a longer prompt is an error, never silently cut."""
+    ids = tokenizer.encode(prompt, add_bos=True)
+    room = seq_length - len(ids)
+    if room < 1:
+        raise GenerationError(f"the prompt is {len(ids)} tokens (with BOS), but the model's context is {seq_length} "
+                              f"tokens: shorten the prompt to at most {seq_length - 2} tokens so at least one new "
+                              "token fits")
+    if max_new_tokens > room:
+        raise GenerationError(f"{max_new_tokens_name} {max_new_tokens}: the {len(ids)}-token prompt leaves room for "
+                              f"{room} new tokens in the model's context of {seq_length}; use "
+                              f"{max_new_tokens_name} {room} or less, or a shorter prompt")
+    return ids
 
 
 def pick_token(logits: torch.Tensor, *, top_p: float, temperature: float, generator) -> int:
@@ -66,7 +88,7 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
 def sample_text(engine, tokenizer, prompt: str, *, seq_length: int, micro_batch: int, max_new_tokens: int,
                 top_p: float, temperature: float, seed: int) -> str:
     """Continue `prompt` (OPT prepends </s> as BOS) and return the decoded continuation."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)[-(seq_length - 1):]
-    ids = generate(engine, prompt_ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
+    ids = prompt_ids(tokenizer, prompt, seq_length=seq_length, max_new_tokens=max_new_tokens)
+    out = generate(engine, ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
                    micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed)
-    return tokenizer.decode(ids[len(prompt_ids):])
+    return tokenizer.decode(out[len(ids):])

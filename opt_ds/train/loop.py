@@ -52,6 +52,20 @@ class RunState:
         return cls(**{name: saved[name] for name in names})
 
 
+def _valid_samples(cfg: ResolvedConfig) -> int:
+    train = cfg.run.train
+    return max(1, (train.steps // max(1, train.eval_interval) + 2) * train.eval_iters) * cfg.run.batch.global_batch_size
+
+
+def check_data(cfg: ResolvedConfig) -> None:
+    """The corpora of `data.train` exist, are whole .bin/.idx pairs and fit the model's vocabulary: checked
+    before the engine is built or anything is written, so a bad path costs no start-up."""
+    if cfg.run.data.train:
+        from opt_ds.data.datasets import check_corpora
+        check_corpora([(entry.path, entry.weight) for entry in cfg.run.data.train], cfg.run.data.split,
+                      _valid_samples(cfg), cfg.shape.vocab_size)
+
+
 def build_datasets(cfg: ResolvedConfig):
     """(train, valid) datasets: the blended indexed corpora of `data.train`, or synthetic tokens."""
     run = cfg.run
@@ -61,12 +75,10 @@ def build_datasets(cfg: ResolvedConfig):
         return (SyntheticTokens(cfg.shape.vocab_size, seq, seed=run.train.seed, kind=run.data.synthetic),
                 SyntheticTokens(cfg.shape.vocab_size, seq, seed=run.train.seed + 1, kind=run.data.synthetic))
     from opt_ds.data.datasets import build_datasets as build_indexed
-    steps = run.train.steps
-    valid_samples = max(1, (steps // max(1, run.train.eval_interval) + 2) * run.train.eval_iters) \
-        * run.batch.global_batch_size
     return build_indexed(blend=[(entry.path, entry.weight) for entry in run.data.train], split=run.data.split,
-                         seq_length=seq, seed=run.train.seed, num_train_samples=steps * run.batch.global_batch_size,
-                         num_valid_samples=valid_samples, cache_dir=run.data.cache_dir,
+                         seq_length=seq, seed=run.train.seed,
+                         num_train_samples=run.train.steps * run.batch.global_batch_size,
+                         num_valid_samples=_valid_samples(cfg), cache_dir=run.data.cache_dir,
                          vocab_size=cfg.shape.vocab_size)
 
 
@@ -92,6 +104,11 @@ class Trainer:
     def __init__(self, cfg: ResolvedConfig):
         self.cfg = cfg
         run, save_dir = cfg.run, cfg.run.train.save_dir
+        check_data(cfg)
+        if run.sample.prompt:       # a prompt that does not fit fails now, not after the training
+            from opt_ds.train.generate import prompt_ids
+            prompt_ids(run_tokenizer(cfg), run.sample.prompt, seq_length=run.batch.seq_length,
+                       max_new_tokens=run.sample.max_new_tokens, max_new_tokens_name="sample.max_new_tokens")
         cfg.layout.initialize()         # process groups first: every rank takes the start-up decisions together
         self.save_lock = save_lock.claim(save_dir) if save_dir else None
         repairs = checkpoint.recover_interrupted_publish(save_dir, run.checkpoint.verify) if save_dir else []
