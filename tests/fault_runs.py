@@ -17,8 +17,7 @@ STEPS = 60
 BASE = TINY_MODEL + [
     "model.vocab_size=128", "parallel.pipeline=2", "data.synthetic=arithmetic", "batch.global_batch_size=8",
     "batch.micro_batch_size=2", "optimizer.lr=0.01", "optimizer.warmup_steps=5", f"optimizer.decay_steps={STEPS}",
-    "train.save_interval=10", "train.eval_interval=1000", "train.eval_iters=4", "train.tensorboard=false",
-    "health.spike_warmup_steps=10"]
+    "train.save_interval=10", "train.eval_interval=1000", "train.eval_iters=4", "train.tensorboard=false"]
 FAULT_INJECTION = {"OPT_DS_FAULT_INJECTION": "1"}
 
 

@@ -97,11 +97,14 @@ FAULT_INJECTION_ENV = "OPT_DS_FAULT_INJECTION"
 
 def _check_fault_tolerance(run: RunConfig, world_size: int) -> None:
     health, recovery, ckpt = run.health, run.recovery, run.checkpoint
-    if health.spike_factor <= 1.0:
-        raise ConfigError(f"health.spike_factor {health.spike_factor} must be > 1 (a spike is a loss this many "
-                          "times the recent mean; e.g. 1.5)")
-    if health.ewm_window < 1 or health.spike_warmup_steps < 0 or health.spike_patience < 1:
-        raise ConfigError("health.ewm_window and health.spike_patience must be >= 1, health.spike_warmup_steps >= 0")
+    if health.spike_sigmas <= 0 or health.spike_min_rise < 0:
+        raise ConfigError(f"health.spike_sigmas {health.spike_sigmas} must be > 0 and health.spike_min_rise "
+                          f"{health.spike_min_rise} >= 0 (a spike rises above the recent median by that many noise "
+                          "sigmas and by that fraction; e.g. 6 and 0.05)")
+    if not 3 <= health.spike_warmup_steps <= health.spike_window or health.spike_patience < 1:
+        raise ConfigError(f"health.spike_warmup_steps {health.spike_warmup_steps} must be >= 3 (the noise needs a few "
+                          f"losses) and <= health.spike_window {health.spike_window}; health.spike_patience "
+                          f"{health.spike_patience} must be >= 1")
     if health.min_loss_scale <= 0 or health.replica_norm_ratio <= 1.0:
         raise ConfigError("health.min_loss_scale must be > 0 and health.replica_norm_ratio > 1")
     if not 0.0 < recovery.lr_factor <= 1.0:
