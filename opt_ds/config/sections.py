@@ -126,7 +126,7 @@ class SampleConfig:
 class HealthConfig:
     """Per-step divergence detection (docs/fault-tolerance.md)."""
     enabled: bool = True
-    spike_sigmas: float = 8.0                   # a spike: loss > median of the last 5 healthy losses + this x noise
+    spike_sigmas: float = 8.0                   # a spike: loss > median of the recent healthy losses + this x noise
     spike_min_rise: float = 0.05                # ... and + this fraction of that median (floor for smooth runs)
     spike_window: int = 50                      # healthy losses kept; their step-to-step changes give the noise
     spike_warmup_steps: int = 10                # healthy losses in the window before spikes are judged (>= 3)
