@@ -191,6 +191,13 @@ def test_spike_patience_and_state_round_trip():
     assert mon.bar() is None and observe(mon, 10.0) == [], "starts a new warm-up"
 
 
+def test_a_checkpoint_config_with_the_retired_ewm_keys_still_generates():
+    from opt_ds.train.generate_cli import inference_config
+    saved = load_config(None, BASE, world_size=1).run.to_dict()
+    saved["health"] = {"spike_factor": 1.5, "ewm_window": 50, "spike_warmup_steps": 100}
+    assert inference_config(saved, 1).run.health == HealthConfig()
+
+
 def test_non_finite_loss_and_norm():
     mon = monitor()
     assert [a.kind for a in observe(mon, float("nan"), float("nan"))] == ["nan_loss", "nan_grad_norm"]
