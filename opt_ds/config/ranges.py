@@ -169,9 +169,13 @@ RANGES = {
         "seed": Range(0, 2 ** 63 - 1, fix="a non-negative integer, e.g. sample.seed=0"),
     },
     HealthConfig: {
-        "spike_factor": Range(1, low_open=True, fix="a spike is a loss this many times the recent mean; e.g. 1.5"),
-        "ewm_window": at_least(1, "the span of the loss mean in steps, e.g. health.ewm_window=50"),
-        "spike_warmup_steps": at_least(0, "steps of loss history before spikes are judged, e.g. 100"),
+        "spike_sigmas": positive("a spike rises above the recent median by this many noise sigmas, e.g. "
+                                 "health.spike_sigmas=8"),
+        "spike_min_rise": at_least(0, "a spike also rises by this fraction of the recent median, e.g. "
+                                      "health.spike_min_rise=0.05"),
+        "spike_window": at_least(3, "the healthy losses kept to judge spikes by, e.g. health.spike_window=50"),
+        "spike_warmup_steps": at_least(3, "healthy losses needed before spikes are judged (the noise needs a few), "
+                                          "at most health.spike_window, e.g. 10"),
         "spike_patience": at_least(1, "consecutive spiking steps that make a divergence, e.g. 1"),
         "min_loss_scale": positive("an fp16 loss scale below this has collapsed, e.g. health.min_loss_scale=1"),
         "replica_norm_ratio": Range(1, low_open=True, fix="the largest / smallest replica gradient norm that flags "

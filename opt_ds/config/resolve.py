@@ -86,6 +86,11 @@ FAULT_INJECTION_ENV = "OPT_DS_FAULT_INJECTION"
 
 
 def _check_fault_tolerance(run: RunConfig, world_size: int) -> None:
+    health = run.health
+    if health.spike_warmup_steps > health.spike_window:
+        raise ConfigError(f"health.spike_warmup_steps {health.spike_warmup_steps} exceeds health.spike_window "
+                          f"{health.spike_window}: the window must hold the losses the warm-up waits for; raise "
+                          "the window or lower the warm-up")
     armed = run.faults.armed()
     if armed and os.environ.get(FAULT_INJECTION_ENV) != "1":
         raise ConfigError(f"faults: {', '.join(f'{k}={v}' for k, v in armed.items())} would deliberately break this "

@@ -126,9 +126,10 @@ class SampleConfig:
 class HealthConfig:
     """Per-step divergence detection (docs/fault-tolerance.md)."""
     enabled: bool = True
-    spike_factor: float = 1.5                   # loss > factor x EWM mean of past losses is a spike
-    ewm_window: int = 50                        # span of the EWM mean, in steps (alpha = 2 / (window + 1))
-    spike_warmup_steps: int = 100               # steps of EWM history before spikes are judged
+    spike_sigmas: float = 8.0                   # a spike: loss > median of the recent healthy losses + this x noise
+    spike_min_rise: float = 0.05                # ... and + this fraction of that median (floor for smooth runs)
+    spike_window: int = 50                      # healthy losses kept; their step-to-step changes give the noise
+    spike_warmup_steps: int = 10                # healthy losses in the window before spikes are judged (>= 3)
     spike_patience: int = 1                     # consecutive spiking steps that make a divergence
     min_loss_scale: float = 1.0                 # fp16: a scale below this has collapsed (OPT's healthy rule)
     replica_check: bool = True                  # compare the DP replicas' own gradient norms (DP > 1)

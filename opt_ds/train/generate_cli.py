@@ -47,7 +47,8 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
 def inference_config(saved: dict, world_size: int):
     if (saved.get("data") or {}).get("train") == []:     # saved before data.train defaulted to null
         saved = {**saved, "data": {**saved["data"], "train": None}}
-    run = build_dataclass(RunConfig, saved)
+    # health settings are training-only, and older checkpoints carry retired keys (health.spike_factor)
+    run = build_dataclass(RunConfig, {k: v for k, v in saved.items() if k != "health"})
     tp = run.parallel.tensor
     if world_size % tp:
         raise ConfigError(f"the checkpoint is tensor-parallel with TP={tp}: run a multiple of {tp} processes "

@@ -34,7 +34,7 @@ class RunState:
     retries: int = 0                # rollbacks since the last healthy checkpoint past `diverged_at`
     recoveries: int = 0             # rollbacks in the whole run
     diverged_at: Optional[int] = None   # step of the last divergence
-    health: dict = field(default_factory=dict)  # the health monitor's loss EWM
+    health: dict = field(default_factory=dict)  # the health monitor's recent losses
 
     @property
     def data_step(self) -> int:
