@@ -74,8 +74,16 @@ NVLINK_LATENCY_S = 20e-6
 IB_LATENCY_S = 30e-6
 
 
+ALIASES = {"h100-sxm": "h100-80gb"}
+
+
 def get_hardware(name: str) -> Hardware:
     try:
-        return HARDWARE[name]
+        return HARDWARE[ALIASES.get(name, name)]
     except KeyError:
         raise UserError(f"hardware {name!r}: choose one of {', '.join(HARDWARE)}") from None
+
+
+def hardware_key(hardware: Hardware) -> str:
+    """The profile name of `hardware` (also after a figure of it was changed)."""
+    return next((key for key, known in HARDWARE.items() if known.name == hardware.name), "custom")

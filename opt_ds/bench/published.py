@@ -42,6 +42,8 @@ GPT3_175B = DecoderShape(num_layers=96, hidden_size=12288, num_heads=96, ffn_hid
 LLAMA_65B = DecoderShape(num_layers=80, hidden_size=8192, num_heads=64, ffn_hidden_size=22016, vocab_size=32000,
                          gated_mlp=True, tied_head=False, bias=False, rms_norm=True)
 
+SHAPES = {"bloom-176b": BLOOM_176B, "gpt3-175b": GPT3_175B, "llama-65b": LLAMA_65B}
+
 RUNS = {r.name: r for r in [
     PublishedRun(
         "opt-175b",
@@ -100,6 +102,7 @@ def comparison_rows() -> list:
 
 
 def format_comparison() -> str:
+    from opt_ds.bench.project_cli import command_for
     lines = ["Projection vs published at-scale runs (one set of hardware assumptions for all; each run's own "
              "shape, layout and software)", "",
              f"  {'run':<20} {'GPUs':>5} {'layout':<16} {'predicted':>10} {'published':>10} {'ratio':>7}  unit"]
@@ -108,7 +111,8 @@ def format_comparison() -> str:
         layout = f"{inp.tensor}×{inp.pipeline}×{proj.data} Z{inp.zero_stage}"
         lines.append(f"  {run.name:<20} {inp.gpus:>5} {layout:<16} {value:10.1f} {run.published:10.1f} "
                      f"{ratio:7.3f}  {run.unit}")
-    lines += ["", "  layout = TP×PP×DP, Z = ZeRO stage (3 = FSDP). Sources and run details:"]
+    lines += ["", "  layout = TP×PP×DP, Z = ZeRO stage (3 = FSDP). Sources, run details, and the command that "
+              "projects each run (the same as --project --project-run NAME):"]
     for run in RUNS.values():
-        lines += [f"  {run.name}: {run.source}.", f"    {run.notes}."]
+        lines += [f"  {run.name}: {run.source}.", f"    {run.notes}.", f"    {command_for(run)}"]
     return "\n".join(lines)

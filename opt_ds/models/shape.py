@@ -169,3 +169,13 @@ def from_opt(shape: OPTShape) -> DecoderShape:
 
 def as_decoder_shape(shape) -> DecoderShape:
     return shape if isinstance(shape, DecoderShape) else from_opt(shape)
+
+
+def to_opt(shape: DecoderShape) -> Optional[OPTShape]:
+    """The OPTShape that `from_opt` maps to `shape`, or None when the shape is not an OPT shape."""
+    if shape.position_rows <= POSITION_OFFSET:
+        return None
+    opt = OPTShape(shape.num_layers, shape.hidden_size, shape.num_heads, shape.ffn_hidden_size, shape.vocab_size,
+                   max_position_embeddings=shape.position_rows - POSITION_OFFSET, word_embed_proj_dim=shape.embed_dim,
+                   pre_layer_norm=shape.final_norm)
+    return opt if from_opt(opt) == shape else None
