@@ -246,7 +246,11 @@ def _command_line() -> str:
 
 def check_layer_measurable(inputs, cuda: bool) -> None:
     from opt_ds.models.flops import layer_flops_per_token
+    from opt_ds.models.shape import to_opt
 
+    if to_opt(inputs.shape) is None:
+        raise ConfigError("--measure-layer times opt_ds's OPT decoder layer; this shape is not an OPT shape "
+                          "(pass a measured --layer-ms instead)")
     work = inputs.micro_batch * inputs.seq * layer_flops_per_token(inputs.shape, inputs.seq)
     if not cuda and work > 5e11:
         raise ConfigError(f"measuring a {inputs.model_name} layer on the CPU would take minutes; run "
@@ -289,9 +293,6 @@ def _with_measured_layer(args, suite, inputs, cuda: bool):
     from opt_ds.models.shape import to_opt
 
     opt_shape = to_opt(inputs.shape)
-    if opt_shape is None:
-        raise ConfigError("--measure-layer times opt_ds's OPT decoder layer; this shape is not an OPT shape "
-                          "(pass a measured --layer-ms instead)")
     layer_case = BenchCase("layer", opt_shape, micro_batch=inputs.micro_batch, seq=inputs.seq,
                            precision=args.precision or "auto").resolve_precision(cuda)
     recompute = inputs.recompute == "full"

@@ -85,7 +85,7 @@ def _run_names() -> str:
 
 
 def projection_inputs_from(args):
-    from opt_ds.bench.project import ProjectionInputs
+    from opt_ds.bench.project import ProjectionInputs, check_inputs
     from opt_ds.bench.published import RUNS
 
     if args.project_run is not None and args.project_run not in RUNS:
@@ -121,6 +121,7 @@ def projection_inputs_from(args):
     inputs = inputs.replace(**changes)
     if args.layer_ms is not None:
         inputs = inputs.replace(layer_ms=args.layer_ms, layer_source="given with --layer-ms")
+    check_inputs(inputs)
     return inputs
 
 
