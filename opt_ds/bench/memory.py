@@ -20,7 +20,7 @@ sequence parallelism), as autograd saves them: both LayerNorms' inputs and outpu
 its output: T·F/t; GELU input and output: 2·T·F/t; gated: 4·T·F/t), dropout masks (1 byte per hidden
 element each), and for unfused attention the scores (softmax output, dropout mask and output: 5 bytes per
 score, 2 without dropout); flash kernels keep only a log-sum-exp. Under full recompute a layer keeps only its
-input, plus one layer's full set while it is recomputed. A 1F1B stage i of p holds min(p − i, m) micro-batches;
+input, plus one layer's full set while it is recomputed (after the loss's backward has freed the logits). A 1F1B stage i of p holds min(p − i, m) micro-batches;
 the last stage also keeps fp32 logits for the loss (T·V/t · 4).
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _stage_activation_bytes(inp: ProjectionInputs, stage: int, layers: int, micr
     full = layer_activation_bytes(inp)
     if inp.recompute == "full":
         checkpoints = tokens * inp.shape.hidden_size * inp.activation_bytes
-        layer_total = layers * checkpoints * in_flight + (full if layers else 0)
+        layer_total = layers * checkpoints * in_flight
     elif inp.recompute == "selective":
         scores = inp.micro_batch * inp.shape.num_heads / inp.tensor * inp.seq ** 2 * (5 if inp.dropout else 2)
         kept = full - (scores if inp.attention == "unfused" else 0)
@@ -98,6 +98,9 @@ def _stage_activation_bytes(inp: ProjectionInputs, stage: int, layers: int, micr
     else:
         layer_total = layers * full * in_flight
     logits = tokens * inp.shape.vocab_size / inp.tensor * 4 if stage == p - 1 else 0
+    if inp.recompute == "full":
+        # the loss's backward frees the logits before the last layer is recomputed
+        return layer_total + max(full if layers else 0, logits)
     return layer_total + logits
 
 

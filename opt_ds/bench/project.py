@@ -394,7 +394,7 @@ def sensitivity(inp: ProjectionInputs) -> list:
     """The projection with one assumption changed at a time: (label, Projection)."""
     hw = inp.hardware
     variants = [
-        ("GEMM efficiency 0.65", inp.replace(hardware=dataclasses.replace(hw, gemm_efficiency=0.65))),
+        ("GEMM efficiency 0.55", inp.replace(hardware=dataclasses.replace(hw, gemm_efficiency=0.55))),
         ("GEMM efficiency 0.85", inp.replace(hardware=dataclasses.replace(hw, gemm_efficiency=0.85))),
         ("HBM efficiency 0.5 (slow element-wise kernels)", inp.replace(hbm_efficiency=0.5)),
         (f"NVLink bus bandwidth {hw.nvlink_busbw_gb_s * 0.75:g} GB/s",
