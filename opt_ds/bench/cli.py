@@ -15,7 +15,6 @@ results.jsonl (appended), table.txt, tflops.png, projection-<hardware>.txt, work
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import itertools
 import json

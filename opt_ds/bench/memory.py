@@ -27,8 +27,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.bench.project import PRECISION_BYTES, ProjectionInputs, stage_layers, stage_parameters
+from typing import TYPE_CHECKING
 
+from opt_ds.models.shape import DecoderShape
+
+if TYPE_CHECKING:
+    from opt_ds.bench.project import ProjectionInputs
+
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 2 ** 30
 REDUCE_BUCKET_ELEMENTS = 500_000_000        # DeepSpeed zero_optimization.reduce_bucket_size default
 KINDS = ("weights", "gradients", "optimizer", "activations", "buffers")
@@ -49,6 +55,39 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return ", ".join(f"{kind} {self.parts[kind] / GIB:.1f}" for kind in KINDS)
+
+
+def stage_layers(shape: DecoderShape, pipeline: int, partition: str) -> list:
+    """Decoder layers per stage: even over the layers (DeepSpeed `type:` partitioning, Megatron-LM), or with
+    the embedding and head counted as one layer each (BLOOM's `type:transformer|embedding`)."""
+    extra = 1 if partition == "layers+embedding" and pipeline > 1 else 0
+    units = shape.num_layers + 2 * extra
+    base, rest = divmod(units, pipeline)
+    shares = [base + (1 if i >= pipeline - rest else 0) for i in range(pipeline)]
+    shares[0] -= extra
+    shares[-1] -= extra
+    return shares
+
+
+def stage_parameters(inp: ProjectionInputs, layers: list) -> list:
+    """Parameters held by one GPU of each stage: TP shards of the matrices, vocabulary-parallel embedding
+    (and its tied copy on the last stage), whole norms, row-parallel biases and position table."""
+    shape, p, t = inp.shape, len(layers), inp.tensor
+    replicated = shape.layer_replicated_parameters()
+    per_layer = (shape.layer_parameters() - replicated) / t + replicated
+    table = shape.vocab_size * shape.embedding_width / t
+    projections = 2 * shape.embedding_width * shape.hidden_size if shape.has_projections else 0
+    params = []
+    for i, n in enumerate(layers):
+        mine = n * per_layer
+        if i == 0:
+            mine += table + shape.position_rows * shape.hidden_size + projections / 2 + (
+                shape.norm_parameters() - shape.single_norm_parameters() * shape.final_norm)
+        if i == p - 1:
+            mine += (table if shape.tied_head and p > 1 or not shape.tied_head else 0) + projections / 2 + (
+                shape.single_norm_parameters() * shape.final_norm)
+        params.append(mine)
+    return params
 
 
 def _state_bytes_per_parameter(precision: str, zero: int, d: int) -> tuple:

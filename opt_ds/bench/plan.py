@@ -131,7 +131,7 @@ def format_plan(base, layouts: list, considered: int, top: int) -> str:
         lines.append("Nothing fits: use more GPUs, a shorter sequence, or a smaller micro-batch/global batch.")
         return "\n".join(lines)
     lines.append(f"  {'#':>2} {'TP':>3} {'PP':>3} {'DP':>5} {'mb':>3} {'m':>5} {'AC':>4} {'ZeRO':>4} "
-                 f"{'tok/s/GPU':>10} {'model':>6} {'hw':>6} {'bubble':>6}  memory GiB/GPU: total = weights + "
+                 f"{'tok/s/GPU':>10} {'model':>6} {'hw':>6} {'idle':>6}  memory GiB/GPU: total = weights + "
                  "grads + optimizer + activations + buffers")
     for rank, p in enumerate(layouts[:top], 1):
         inp, proj, mem = p.inputs, p.projection, p.memory
@@ -143,7 +143,8 @@ def format_plan(base, layouts: list, considered: int, top: int) -> str:
                      f"{proj.bubble:6.1%}  {mem.total_gib:.1f} = {parts}")
         lines.append(f"       opt-ds train CONFIG {' '.join(p.overrides())}")
     lines += ["", "model / hw: TFLOP/s per GPU in model FLOPs (no recompute) / hardware FLOPs (recompute counted); "
-              "m: micro-batches per replica; AC: activation checkpointing of every layer. "
+              "m: micro-batches per replica; AC: activation checkpointing of every layer; idle: pipeline fill/drain "
+              "and uneven stages. "
               "`opt-ds bench --project` with the same layout prints every assumption."]
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opt_ds.bench.hardware import GB, HARDWARE, IB_LATENCY_S, NVLINK_LATENCY_S, Hardware
+from opt_ds.bench.memory import PRECISION_BYTES, estimate_memory, stage_layers, stage_parameters
 from opt_ds.errors import UserError
 from opt_ds.models.flops import all_conventions
 from opt_ds.models.presets import get_preset
@@ -33,7 +34,6 @@ from opt_ds.models.shape import DecoderShape, from_opt
 
 RECOMPUTE = ("full", "selective", "none")
 ATTENTION = ("flash", "unfused")
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PARTITIONS = ("layers", "layers+embedding")
 # Bytes per parameter each GPU sends through its data-parallel collectives in one step (ZeRO 0/1):
 # fp16 (Megatron-LM, DeepSpeed fp16): 2-byte gradient all-reduce (ring: 2 × 2) or ZeRO-1 reduce-scatter +
@@ -197,18 +197,6 @@ def _exposed(seconds: float, overlap: float) -> float:
 
 # --- stages and the step --------------------------------------------------------------------------------
 
-def stage_layers(shape: DecoderShape, pipeline: int, partition: str) -> list:
-    """Decoder layers per stage: even over the layers (DeepSpeed `type:` partitioning, Megatron-LM), or with
-    the embedding and head counted as one layer each (BLOOM's `type:transformer|embedding`)."""
-    extra = 1 if partition == "layers+embedding" and pipeline > 1 else 0
-    units = shape.num_layers + 2 * extra
-    base, rest = divmod(units, pipeline)
-    shares = [base + (1 if i >= pipeline - rest else 0) for i in range(pipeline)]
-    shares[0] -= extra
-    shares[-1] -= extra
-    return shares
-
-
 def _embedding_seconds(inp: ProjectionInputs) -> tuple:
     """(first-stage, last-stage) seconds per micro-batch outside the decoder layers."""
     shape, hw, t = inp.shape, inp.hardware, inp.tensor
@@ -230,27 +218,6 @@ def _p2p_seconds(inp: ProjectionInputs) -> float:
     activation = inp.micro_batch * inp.seq * inp.shape.hidden_size * inp.activation_bytes
     gather = collective_seconds(activation, t, hw.nvlink_busbw_gb_s, NVLINK_LATENCY_S) / 2
     return 2 * (IB_LATENCY_S + activation / t / (hw.ib_gb_s_per_gpu * GB) + gather)
-
-
-def stage_parameters(inp: ProjectionInputs, layers: list) -> list:
-    """Parameters held by one GPU of each stage: TP shards of the matrices, vocabulary-parallel embedding
-    (and its tied copy on the last stage), whole norms, row-parallel biases and position table."""
-    shape, p, t = inp.shape, len(layers), inp.tensor
-    replicated = shape.layer_replicated_parameters()
-    per_layer = (shape.layer_parameters() - replicated) / t + replicated
-    table = shape.vocab_size * shape.embedding_width / t
-    projections = 2 * shape.embedding_width * shape.hidden_size if shape.has_projections else 0
-    params = []
-    for i, n in enumerate(layers):
-        mine = n * per_layer
-        if i == 0:
-            mine += table + shape.position_rows * shape.hidden_size + projections / 2 + (
-                shape.norm_parameters() - shape.single_norm_parameters() * shape.final_norm)
-        if i == p - 1:
-            mine += (table if shape.tied_head and p > 1 or not shape.tied_head else 0) + projections / 2 + (
-                shape.single_norm_parameters() * shape.final_norm)
-        params.append(mine)
-    return params
 
 
 def project(inp: ProjectionInputs) -> Projection:
@@ -370,8 +337,8 @@ def format_projection(proj: Projection, sensitivity_rows: Optional[list] = None)
             out.append(f"  layer {part:<26} {sec * 1e3:9.3f} ms")
     for name, sec in proj.times.items():
         out.append(f"  {name:<32} {sec * 1e3 if sec < 1 else sec:9.3f} {'ms' if sec < 1 else 's'}")
-    out.append(f"  {'pipeline bubble':<32} {proj.bubble:9.1%}")
-    from opt_ds.bench.memory import estimate_memory
+    out.append(f"  {'pipeline bubble':<32} {proj.bubble:9.1%}   (idle share of the pipeline: fill, drain, uneven "
+               "stages)")
     memory = estimate_memory(inp)
     fits = "fits" if memory.total_gib <= inp.hardware.memory_gib else "DOES NOT FIT"
     out.append(f"  {'memory per GPU (fullest stage)':<32} {memory.total_gib:9.1f} GiB   ({fits} in "

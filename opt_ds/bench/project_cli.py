@@ -123,18 +123,3 @@ def projection_inputs_from(args):
         inputs = inputs.replace(layer_ms=args.layer_ms, layer_source="given with --layer-ms")
     check_inputs(inputs)
     return inputs
-
-
-def command_for(run) -> str:
-    """The `opt-ds bench --project` command line that projects `run` with every input spelled out."""
-    inp = run.inputs
-    hardware = next(name for name, hw in HARDWARE.items() if hw == inp.hardware)
-    return " ".join([
-        "opt-ds bench --project", f"--shape {inp.shape.spec()}", f"--seq {inp.seq}",
-        f"--project-gpus {inp.gpus}", f"--project-tp {inp.tensor}", f"--project-pp {inp.pipeline}",
-        f"--project-micro-batch {inp.micro_batch}", f"--project-global-batch {inp.global_batch}",
-        f"--project-recompute {inp.recompute}", f"--project-attention {inp.attention}",
-        f"--project-sequence-parallel {'on' if inp.sequence_parallel else 'off'}",
-        f"--project-dropout {'on' if inp.dropout else 'off'}", f"--project-precision {inp.precision}",
-        f"--project-zero {inp.zero_stage}", f"--project-partition {inp.partition}",
-        f"--project-hardware {hardware}"])

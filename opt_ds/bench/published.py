@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.bench.hardware import HARDWARE
+from opt_ds.bench.hardware import HARDWARE, hardware_key
 from opt_ds.bench.project import Projection, ProjectionInputs, project
 from opt_ds.models.presets import get_preset
 from opt_ds.models.shape import DecoderShape, from_opt
@@ -91,6 +91,21 @@ RUNS = {r.name: r for r in [
 ]}
 
 
+def command_for(run) -> str:
+    """The `opt-ds bench --project` command line that projects `run` with every input spelled out."""
+    inp = run.inputs
+    hardware = hardware_key(inp.hardware)
+    return " ".join([
+        "opt-ds bench --project", f"--shape {inp.shape.spec()}", f"--seq {inp.seq}",
+        f"--project-gpus {inp.gpus}", f"--project-tp {inp.tensor}", f"--project-pp {inp.pipeline}",
+        f"--project-micro-batch {inp.micro_batch}", f"--project-global-batch {inp.global_batch}",
+        f"--project-recompute {inp.recompute}", f"--project-attention {inp.attention}",
+        f"--project-sequence-parallel {'on' if inp.sequence_parallel else 'off'}",
+        f"--project-dropout {'on' if inp.dropout else 'off'}", f"--project-precision {inp.precision}",
+        f"--project-zero {inp.zero_stage}", f"--project-partition {inp.partition}",
+        f"--project-hardware {hardware}"])
+
+
 def comparison_rows() -> list:
     """(run, projection, predicted, ratio) for every published run."""
     rows = []
@@ -102,7 +117,6 @@ def comparison_rows() -> list:
 
 
 def format_comparison() -> str:
-    from opt_ds.bench.project_cli import command_for
     lines = ["Projection vs published at-scale runs (one set of hardware assumptions for all; each run's own "
              "shape, layout and software)", "",
              f"  {'run':<20} {'GPUs':>5} {'layout':<16} {'predicted':>10} {'published':>10} {'ratio':>7}  unit"]

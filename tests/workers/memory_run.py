@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import sys
-from types import MethodType
 
 import torch
 
