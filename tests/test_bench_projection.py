@@ -24,6 +24,13 @@ def test_every_published_run_is_predicted_within_15_percent(name):
     assert abs(ratio - 1) <= 0.15, f"{name}: predicted / published = {ratio:.3f}"
 
 
+@pytest.mark.parametrize("name", RUNS)
+def test_every_published_run_fits_in_its_gpus_by_the_memory_model(name):
+    from opt_ds.bench.memory import estimate_memory
+    inputs = RUNS[name].inputs
+    assert estimate_memory(inputs).total_gib <= inputs.hardware.memory_gib      # they did run
+
+
 def test_the_runs_share_every_hardware_figure():
     # Only what each run did differs (shape, layout, software, its cluster's network); the GPU is one profile.
     figures = {dataclasses.replace(run.inputs.hardware, name="", ib_gb_s_per_gpu=0, why={}) for run in RUNS.values()}
@@ -195,3 +202,10 @@ def test_cli_refuses_to_measure_a_175b_layer_on_cpu(tmp_path, capsys):
     assert main(["bench", "--project", "--measure-layer", "--out", str(tmp_path / "x")]) == 2
     assert "--layer-ms" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_table_in_the_docs_is_the_one_the_command_prints():
+    from multiproc import REPO
+    docs = (REPO / "docs" / "bench.md").read_text()
+    for run, _, value, ratio in comparison_rows():
+        assert f"| {value:.1f} | {run.published:g} | {ratio:.3f} |" in docs, run.name

@@ -10,9 +10,8 @@ What is measured (the planner's memory model is checked against it):
   optimizer state (the optimizer's state and its own parameter/gradient copies), DeepSpeed's gradient
   bucket and the rest.
 - activations: the peak, over the same `train_batch`, of the unique storages autograd saves for
-  backward (saved_tensors_hooks), parameters excluded; they are part of the rest above. Activation
-  checkpointing keeps its layer inputs outside autograd's saved tensors, so `held_activations` also
-  records the most the rest grew beyond the step's start between the forward/backward instructions.
+  backward (saved_tensors_hooks), parameters excluded. Activation checkpointing keeps its layer inputs
+  outside autograd's saved tensors, so this measures layouts without it.
 """
 import gc
 import json
@@ -61,7 +60,6 @@ def held_by_kind(engine) -> dict:
         claimed.update(mine)
         kinds[kind] = sum(mine.values())
     kinds["rest"] = sum(v for k, v in live.items() if k not in claimed)
-    kinds["largest_rest"] = sorted((v for k, v in live.items() if k not in claimed), reverse=True)[:6]
     kinds["total"] = sum(live.values())
     return kinds
 
@@ -97,28 +95,18 @@ class SavedActivations:
         return tensor
 
 
-# Instructions of the forward/backward phase, before gradients are reduced: what they hold beyond the
-# step's start is activations (and the pipeline's send/receive buffers).
-PASS_INSTRUCTIONS = ("LoadMicroBatch", "ForwardPass", "BackwardPass", "SendActivation", "RecvActivation",
-                     "SendGrad", "RecvGrad")
-
-
 def sample_every_instruction(engine, peak: dict) -> None:
-    start = held_by_kind(engine)["rest"]
-    peak["held_activations"] = 0
-
-    def sampled(cmd, method):
+    """Keep in `peak` the largest sample of held_by_kind taken around each pipeline instruction."""
+    def sampled(method):
         def run(self, *args, **kwargs):
             for when in ("before", "after"):
                 if when == "after":
                     method(self, *args, **kwargs)
                 kinds = held_by_kind(self)
-                if cmd.__name__ in PASS_INSTRUCTIONS:
-                    peak["held_activations"] = max(peak["held_activations"], kinds["rest"] - start)
                 if kinds["total"] > peak.get("total", -1):
                     peak.update(kinds)
         return run
-    engine._INSTRUCTION_MAP = {cmd: sampled(cmd, method) for cmd, method in type(engine)._INSTRUCTION_MAP.items()}
+    engine._INSTRUCTION_MAP = {cmd: sampled(method) for cmd, method in type(engine)._INSTRUCTION_MAP.items()}
 
 
 def main(out: str, spec: str) -> None:
