@@ -275,11 +275,13 @@ def run_projection(args, suite, inputs, cuda: bool) -> None:
               "times_s": base.times, "tflops": {k: v for k, (_, v) in base.tflops.items()},
               "tokens_per_s_per_gpu": base.tokens_per_s_per_gpu,
               "sensitivity": {label: p.hardware_tflops for label, p in rows}}
-    if args.project_run:
-        run = RUNS[args.project_run]
+    run = RUNS.get(args.project_run) or next((r for r in RUNS.values() if r.inputs.shape == inputs.shape), None)
+    if run is not None:
         value = run.predicted(base)
-        text += (f"\n\nvs published ({run.source}): predicted {value:.1f} / published {run.published:g} "
-                 f"{run.unit} = {value / run.published:.3f}")
+        same = "" if args.project_run else f" (that run's own layout: --project-run {run.name})"
+        ratio = value / run.published
+        text += (f"\n\nvs published ({run.source}){same}: predicted {value:.1f} / published {run.published:g} "
+                 f"{run.unit} = {ratio:.3f}, {'within' if abs(ratio - 1) <= 0.15 else 'outside'} ±15 %")
         record["published"] = {"run": run.name, "value": run.published, "convention": run.convention,
                                "predicted": value}
     print("\n" + text)

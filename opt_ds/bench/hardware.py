@@ -21,9 +21,6 @@ class Hardware:
     gpus_per_node: int = 8
     why: dict = field(default_factory=dict, compare=False, hash=False)
 
-    def __post_init__(self):
-        object.__setattr__(self, "why", dict(self.why))
-
 
 # One figure for every GPU, fitted where no communication blurs it: a whole compiled OPT-1.3B training step
 # on one H100 (b=8, s=2048, bf16, fused kernels) measured 537 model TFLOP/s; this roofline gives 535 with
@@ -47,14 +44,16 @@ _A100_WHY = {
 }
 
 HARDWARE = {
-    "a100-80gb": Hardware("A100-SXM4-80GB, NVSwitch, one 200 Gb/s HDR HCA per GPU", 312, GEMM_EFFICIENCY, 0.5, 2.039, 80,
-                          190, 20, why=_A100_WHY),
+    "a100-80gb": Hardware("A100-SXM4-80GB, NVSwitch, one 200 Gb/s HDR HCA per GPU", 312, GEMM_EFFICIENCY, 0.5,
+                          2.039, 80, 190, 20, why=_A100_WHY),
     "a100-80gb-opa": Hardware(
-        "A100-SXM4-80GB, NVSwitch, 4 × 100 Gb/s Omni-Path per 8-GPU node (Jean Zay, BLOOM)", 312, GEMM_EFFICIENCY, 0.5, 2.039,
-        80, 190, 5, why={**_A100_WHY, "ib_gb_s_per_gpu": "BLOOM's model card: 4 Omni-Path links of 100 Gb/s per "
-                                                         "8-GPU node = 6.25 GB/s per GPU, at 80 %"}),
+        "A100-SXM4-80GB, NVSwitch, 4 × 100 Gb/s Omni-Path per 8-GPU node (Jean Zay, BLOOM)", 312, GEMM_EFFICIENCY,
+        0.5, 2.039, 80, 190, 5,
+        why={**_A100_WHY, "ib_gb_s_per_gpu": "BLOOM's model card: 4 Omni-Path links of 100 Gb/s per 8-GPU node "
+                                             "= 6.25 GB/s per GPU, at 80 %"}),
     "h100-80gb": Hardware(
-        "H100-SXM5-80GB, NVLink4 + NVSwitch, one 400 Gb/s NDR HCA per GPU", 989, GEMM_EFFICIENCY, 0.5, 3.35, 79.6, 360, 40,
+        "H100-SXM5-80GB, NVLink4 + NVSwitch, one 400 Gb/s NDR HCA per GPU", 989, GEMM_EFFICIENCY, 0.5, 3.35, 79.6,
+        360, 40,
         why={"peak_tflops": "H100 SXM dense bf16 peak (datasheet)",
              "gemm_efficiency": GEMM_EFFICIENCY_WHY,
              "attention_efficiency": "FlashAttention-2/3 on H100 reach 0.35–0.75 of peak: 0.5",
@@ -63,7 +62,8 @@ HARDWARE = {
                                   "at tens of MB",
              "ib_gb_s_per_gpu": "400 Gb/s NDR = 50 GB/s per GPU at 80 %"}),
     "h200": Hardware(
-        "H200-SXM-141GB, NVLink4 + NVSwitch, one 400 Gb/s NDR HCA per GPU", 989, GEMM_EFFICIENCY, 0.5, 4.8, 140, 360, 40,
+        "H200-SXM-141GB, NVLink4 + NVSwitch, one 400 Gb/s NDR HCA per GPU", 989, GEMM_EFFICIENCY, 0.5, 4.8, 140,
+        360, 40,
         why={"peak_tflops": "H200 dense bf16 peak = H100's (same GH100 die)",
              "gemm_efficiency": GEMM_EFFICIENCY_WHY, "attention_efficiency": "as H100",
              "hbm_tb_s": "H200 HBM3e (datasheet)", "memory_gib": "H200 141 GB: 143771 MiB",

@@ -19,9 +19,10 @@ sequence parallelism), as autograd saves them: both LayerNorms' inputs and outpu
 (T·(h + 2·kv·d_head)/t), the attention output and its re-laid-out copy (2·T·h/t), the MLP (ReLU keeps
 its output: T·F/t; GELU input and output: 2·T·F/t; gated: 4·T·F/t), dropout masks (1 byte per hidden
 element each), and for unfused attention the scores (softmax output, dropout mask and output: 5 bytes per
-score, 2 without dropout); flash kernels keep only a log-sum-exp. Under full recompute a layer keeps only its
-input, plus one layer's full set while it is recomputed (after the loss's backward has freed the logits). A 1F1B stage i of p holds min(p − i, m) micro-batches;
-the last stage also keeps fp32 logits for the loss (T·V/t · 4).
+score, 2 without dropout); flash kernels keep only a log-sum-exp. Under full recompute a layer keeps only
+its input, plus one layer's full set while it is recomputed (after the loss's backward has freed the
+logits). A 1F1B stage i of p holds min(p − i, m) micro-batches; the last stage also keeps fp32 logits for
+the loss (T·V/t · 4).
 """
 from __future__ import annotations
 

@@ -137,9 +137,9 @@ class DecoderShape:
 
 
 SHAPE_KEYS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads", "ffn": "ffn_hidden_size",
-              "vocab": "vocab_size", "kv_heads": "num_kv_heads", "gated": "gated_mlp", "relu": "relu", "tied": "tied_head",
-              "bias": "bias", "rmsnorm": "rms_norm", "positions": "position_rows", "embed": "embed_dim",
-              "embed_norm": "embedding_norm", "final_norm": "final_norm"}
+              "vocab": "vocab_size", "kv_heads": "num_kv_heads", "gated": "gated_mlp", "relu": "relu",
+              "tied": "tied_head", "bias": "bias", "rmsnorm": "rms_norm", "positions": "position_rows",
+              "embed": "embed_dim", "embed_norm": "embedding_norm", "final_norm": "final_norm"}
 _REQUIRED = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
