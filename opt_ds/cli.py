@@ -21,6 +21,7 @@ BUILTIN_COMMANDS = {
     "launch": ("opt_ds.launch", "check a hostfile against a config, then start `deepspeed --hostfile ... train`"),
     "preprocess": ("opt_ds.data.cli", "tokenize text/JSONL into a megatron .bin/.idx dataset (dedup, resumable)"),
     "bench": ("opt_ds.bench.cli", "measure training throughput (TFLOP/s, MFU, energy) beside peers; project large runs"),
+    "plan": ("opt_ds.bench.plan", "list the layouts of a model on N GPUs that fit in memory, fastest first"),
 }
 
 
