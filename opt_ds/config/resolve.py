@@ -100,7 +100,7 @@ def _check_fault_tolerance(run: RunConfig, world_size: int) -> None:
     if health.spike_sigmas <= 0 or health.spike_min_rise < 0:
         raise ConfigError(f"health.spike_sigmas {health.spike_sigmas} must be > 0 and health.spike_min_rise "
                           f"{health.spike_min_rise} >= 0 (a spike rises above the recent median by that many noise "
-                          "sigmas and by that fraction; e.g. 6 and 0.05)")
+                          "sigmas and by that fraction; e.g. 8 and 0.05)")
     if not 3 <= health.spike_warmup_steps <= health.spike_window or health.spike_patience < 1:
         raise ConfigError(f"health.spike_warmup_steps {health.spike_warmup_steps} must be >= 3 (the noise needs a few "
                           f"losses) and <= health.spike_window {health.spike_window}; health.spike_patience "
