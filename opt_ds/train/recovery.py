@@ -166,11 +166,12 @@ class Supervisor:
             reasons += [a.message for a in self.monitor.loss_scale_anomalies(float(scale))]
         healthy = not reasons
         bar = self.monitor.bar()
+        median = None if bar is None else bar.reference
         if healthy and state.diverged_at is not None and state.step > state.diverged_at:
             state.retries = 0           # a healthy checkpoint past the last divergence: the budget is whole again
         state.health = self.monitor.state_dict()
         return {"healthy": healthy, "reasons": reasons, "step": state.step, "data_step": state.data_step,
-                "loss_median": None if bar is None else bar.reference, "loss_scale": None if scale is None else float(scale),
+                "loss_median": median, "loss_scale": None if scale is None else float(scale),
                 "lr_scale": state.lr_scale}
 
     def in_publish_gap(self) -> None:
