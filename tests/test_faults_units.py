@@ -251,7 +251,7 @@ def test_fault_injection_needs_the_environment_switch(monkeypatch):
     ("recovery.lr_factor=1.5", "recovery.lr_factor 1.5 must be in (0, 1]"),
     ("health.spike_sigmas=0", "health.spike_sigmas 0.0 must be > 0"),
     ("health.spike_warmup_steps=2", "health.spike_warmup_steps 2 must be >= 3"),
-    ("health.spike_window=5", "and <= health.spike_window 5"),
+    ("health.spike_window=5", "exceeds health.spike_window 5"),
     ("checkpoint.verify=md5", "checkpoint.verify 'md5': choose sha256, size or none"),
     ("recovery.clip_grad=0", "recovery.clip_grad 0.0 must be > 0"),
 ])

@@ -96,6 +96,8 @@ case("batch-not-multiple", lambda t, r: config(world_size=3),
      "global_batch_size 8 is not a multiple of micro_batch_size 2 x data-parallel degree 3", "use e.g. 6")
 case("seq-beyond-positions", lambda t, r: config("batch.seq_length=128"),
      "batch.seq_length 128 exceeds model.max_position_embeddings 64")
+case("spike-warmup-beyond-window", lambda t, r: config("health.spike_window=5"),
+     "health.spike_warmup_steps 10 exceeds health.spike_window 5", "raise the window or lower the warm-up")
 case("betas-not-two", lambda t, r: config("optimizer.betas=[0.9]"), "optimizer.betas must be two numbers",
      "optimizer.betas=[0.9, 0.95]")
 case("data-train-empty", lambda t, r: config("data.train=[]"), "data.train is empty",

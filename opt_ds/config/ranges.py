@@ -196,6 +196,7 @@ RANGES = {
         "nan_at_step": at_least(1, STEP),
         "spike_at_step": at_least(1, STEP),
         "kill_during_save_at_step": at_least(1, STEP),
+        "kill_in_publish_gap_at_step": at_least(1, STEP),
         "corrupt_checkpoint_at_step": at_least(1, STEP),
         "bad_replica_at_step": at_least(1, STEP),
         "rank": Unchecked("a rank of the world, checked with the world size in resolve.py"),
