@@ -44,12 +44,13 @@ def resolve_shape(model, spec, flag_model: str = "--project-model", default: str
 
 def add_projection_arguments(parser: argparse.ArgumentParser) -> None:
     from opt_ds.bench.project import ATTENTION, PARTITIONS, PRECISION_BYTES, RECOMPUTE
+    from opt_ds.bench.published import RUNS
     proj = parser.add_argument_group("projection of a large run (see docs/bench.md; unset flags come from "
                                      "--project-run, else opt_ds running OPT-175B on 992 A100s)")
     proj.add_argument("--project", action="store_true", help="print the projection (cases run only if named)")
     proj.add_argument("--project-published", action="store_true",
                       help="print the projection of every published run beside its published figure")
-    proj.add_argument("--project-run", metavar="RUN", help="start from a published run: " + _run_names())
+    proj.add_argument("--project-run", metavar="RUN", help="start from a published run: " + ", ".join(RUNS))
     proj.add_argument("--project-model", help="preset, case or published shape (opt-175b, bloom-176b, gpt3-175b, "
                                               "llama-65b, ...)")
     proj.add_argument("--shape", metavar="KEY=VALUE,...",
@@ -78,10 +79,6 @@ def add_projection_arguments(parser: argparse.ArgumentParser) -> None:
     proj.add_argument("--ib-gbps", type=float, help="inter-node bandwidth per GPU, GB/s")
     proj.add_argument("--dp-overlap", type=float)
     proj.add_argument("--tp-overlap", type=float)
-
-
-def _run_names() -> str:
-    return "opt-175b, bloom-176b, megatron-gpt3-175b, llama-65b"
 
 
 def projection_inputs_from(args):
