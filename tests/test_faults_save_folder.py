@@ -127,9 +127,16 @@ def test_checkpoints_without_a_readable_latest_are_an_error_naming_the_newest_in
 def test_no_intact_checkpoint_left_says_so(tmp_path):
     folder = fake_checkpoint(tmp_path, 10)
     (folder / "mp_rank_00_model_states.pt").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="there is no 'latest' file; none of its global_step\\* "
-                       "folders matches its manifest: restore one from a copy, or start from scratch with another "
-                       "train.save_dir"):
+    with pytest.raises(checkpoint.CheckpointError, match="holds checkpoints but there is no 'latest' file; no "
+                       "global_step\\* folder there matches its manifest: restore one from a copy, or start from "
+                       "scratch with another train.save_dir"):
+        checkpoint.find_resume_point(tmp_path, None)
+
+
+def test_a_latest_naming_a_missing_folder_is_an_error_even_without_checkpoints(tmp_path):
+    checkpoint.point_latest(tmp_path, "global_step40")
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{tmp_path}: 'latest' names 'global_step40', which is "
+                       "not a folder there; no global_step"):
         checkpoint.find_resume_point(tmp_path, None)
 
 

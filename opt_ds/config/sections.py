@@ -161,8 +161,7 @@ class FaultsConfig:
     spike_at_step: Optional[int] = None         # the batch of this data step makes a 100x-LR update
     kill_during_save_at_step: Optional[int] = None   # `rank` dies (os._exit) half-way through a file
     corrupt_checkpoint_at_step: Optional[int] = None  # truncate a file of this checkpoint after it is published
-    kill_in_publish_gap_at_step: Optional[int] = None  # re-saving this published step, rank 0 dies (os._exit)
-    #                                                   after setting the old copy aside, before the new is in place
+    kill_in_publish_gap_at_step: Optional[int] = None  # re-saving this step, rank 0 dies between its two renames
     bad_replica_at_step: Optional[int] = None   # `rank`'s local gradients are scaled 1000x (a silent bad host)
     rank: int = -1                              # the rank the kill / bad-replica faults hit; -1 = the last
 

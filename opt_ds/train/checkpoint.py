@@ -275,14 +275,16 @@ def find_resume_point(save_dir, load_dir, tag: Optional[str] = None) -> Optional
 def no_latest_error(directory: Path, reason: str) -> CheckpointError:
     """Collective (it verifies the checkpoints): a folder with checkpoints whose `latest` names none of them.
     Never a silent fresh start, which would set every checkpoint there aside."""
-    newest = next((c for c in reversed(published(directory)) if manifest.verify(c.path, "size") == []), None)
+    checkpoints = published(directory)
+    newest = next((c for c in reversed(checkpoints) if manifest.verify(c.path, "size") == []), None)
     if newest is not None:
         fix = (f"the newest intact checkpoint there is {newest.tag}: resume from it with train.load_tag={newest.tag} "
                f"(or write {newest.tag} into {directory / LATEST})")
     else:
-        fix = (f"none of its global_step* folders matches its manifest: restore one from a copy, or start from "
-               f"scratch with another train.save_dir")
-    return CheckpointError(f"{directory} holds checkpoints but {reason}; {fix}. Nothing was changed")
+        fix = ("no global_step* folder there matches its manifest: restore one from a copy, or start from scratch "
+               "with another train.save_dir")
+    what = f"{directory} holds checkpoints but" if checkpoints else f"{directory}:"
+    return CheckpointError(f"{what} {reason}; {fix}. Nothing was changed")
 
 
 def _universal_tag(directory) -> Optional[str]:
