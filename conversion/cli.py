@@ -13,8 +13,7 @@ import argparse
 import sys
 import warnings
 
-from conversion.convert import DTYPES, FORMATS, Options, convert
-from conversion.files import ConversionError
+from conversion.formats import DTYPE_NAMES, FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="global_step0", help="tag of an opt_ds target (default global_step0)")
     parser.add_argument("--src-tag", help="tag to read from an opt_ds source (default: the one `latest` names)")
     parser.add_argument("--num-heads", type=int, help="attention heads, for sources that do not record them")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="cast every floating tensor (default: keep each "
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast every floating tensor (default: keep each "
                                                               "tensor's dtype; metaseq releases mix fp16 and fp32)")
     parser.add_argument("--metaseq-layout", choices=("parts", "restored"), default="parts",
                         help="metaseq target: reshard-model_part-K.pt with fused K,V,Q (metaseq's own loader, "
@@ -43,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from conversion.convert import Options, convert
+    from conversion.files import ConversionError
     options = Options(to=args.to, src_format=args.src_format, tp=args.tp, pp=args.pp, tag=args.tag,
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
