@@ -15,6 +15,8 @@ import warnings
 
 from conversion.formats import DTYPE_NAMES, FORMATS
 
+HELP = "convert checkpoints: metaseq, Hugging Face, opt_ds at any TP/PP, universal (verified by logits)"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

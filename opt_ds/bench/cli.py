@@ -23,7 +23,6 @@ from pathlib import Path
 
 from opt_ds.bench.cases import NAMED_CASES, PRECISIONS, BenchCase, parse_case, with_changes
 from opt_ds.config import ConfigError
-from opt_ds.parallel.layout import shutdown_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +225,7 @@ def run_launched(args) -> int:
     from opt_ds.bench.metrics import derive
     from opt_ds.bench.suite import Suite, SuiteOptions
     from opt_ds.bench.worker import measure_case
+    from opt_ds.parallel.layout import shutdown_distributed
 
     if len(args.cases) != 1 or args.sweep or args.project:
         raise ConfigError("under a launcher, opt-ds bench runs exactly one CASE (no --sweep, --project or peers); "

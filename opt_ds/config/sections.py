@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -99,6 +100,23 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: on when `project` is set (needs `pip install 'opt_ds[wandb]'`)."""
+    project: Optional[str] = None               # W&B project; None = no W&B
+    entity: Optional[str] = None                # team or user (default: your W&B default entity)
+    name: Optional[str] = None                  # run name (default: W&B picks one)
+    mode: str = "online"                        # online | offline (files only, `wandb sync` later) | disabled
+    dir: Optional[str] = None                   # where W&B writes its files (default: train.log_dir)
+
+    def __post_init__(self):
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"train.wandb.mode {self.mode!r}: choose online, offline or disabled")
+        if self.project is not None and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.wandb.project is set but wandb is not installed; pip install "
+                              "'opt_ds[wandb]' (or drop train.wandb)")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 10
     seed: int = 1234
@@ -111,6 +129,7 @@ class TrainConfig:
     load_tag: Optional[str] = None              # resume from this checkpoint (e.g. global_step30), not `latest`
     log_dir: Optional[str] = None               # metrics.jsonl (+ TensorBoard) go here
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from opt_ds.config import ConfigError, RunConfig, build_dataclass, resolve
-from opt_ds.train import checkpoint
+
+# opt_ds.train.checkpoint (torch.distributed) is imported where it is used, so `--help` stays instant.
 
 
 def add_arguments(parser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(parser) -> None:
 def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     """The run config a checkpoint was trained with; for a weights-only checkpoint written by
     `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
+    from opt_ds.train import checkpoint
     from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
@@ -59,6 +61,7 @@ def inference_config(saved: dict, world_size: int):
 
 def locate(path: Path) -> checkpoint.ResumePoint:
     """A train.save_dir (its 'latest' pointer) or a checkpoint folder itself."""
+    from opt_ds.train import checkpoint
     if (path / checkpoint.LATEST).is_file() or (path / checkpoint.UNIVERSAL_LATEST).is_file():
         return checkpoint.describe(path)
     if (path / "mp_rank_00_model_states.pt").is_file():
@@ -68,6 +71,7 @@ def locate(path: Path) -> checkpoint.ResumePoint:
 
 
 def run(args) -> int:
+    from opt_ds.train import checkpoint
     import torch.distributed as dist
 
     from opt_ds.data.tokenizer import BPETokenizer

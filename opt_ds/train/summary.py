@@ -28,8 +28,9 @@ def summarize(records: list) -> list:
         lines.append(f"training loss:   {trains[0]['loss']:.3f} at step {trains[0]['step']} -> {trains[-1]['loss']:.3f} "
                      f"at step {trains[-1]['step']}")
         speeds = sorted(r["tokens_per_second"] for r in trains)
-        lines.append(f"throughput:      {speeds[len(speeds) // 2]:.0f} tokens/s (median), "
-                     f"{trains[-1]['model_tflops_per_gpu']:.4f} model TFLOP/s per process")
+        tflops = sorted(r["model_tflops_per_gpu"] for r in trains)
+        lines.append(f"throughput:      {speeds[len(speeds) // 2]:.0f} tokens/s, {tflops[len(tflops) // 2]:.4f} model "
+                     f"TFLOP/s per process (medians over {len(trains)} log lines)")
     checkpoints = [r for r in records if r["event"] == "checkpoint"]
     if checkpoints:
         lines.append(f"checkpoint:      {checkpoints[-1]['path']}")
