@@ -117,12 +117,35 @@ def resolve_cases(specs: list, changes: dict, cuda: bool, gpus: int) -> list:
     """Parse, resolve precision and validate every case before anything runs."""
     cases = [parse_case(spec, changes).resolve_precision(cuda) for spec in specs]
     for case in cases:
-        case.config()                   # raises ConfigError naming the bad key
+        resolved = case.config()        # raises ConfigError naming the bad key
+        if not cuda:
+            check_fits_in_memory(case, resolved)
         if cuda and case.world_size > gpus:
             raise ConfigError(f"case {case.label()} needs {case.world_size} GPUs ({case.layout}) but {gpus} "
                               f"{'is' if gpus == 1 else 'are'} visible; shrink its layout (e.g. "
                               f"{case.name}:tp=1,pp=1,dp=1) or run on a larger machine")
     return cases
+
+
+TRAINING_BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and Adam's two moments (activations extra)
+
+
+def _available_memory_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(case, resolved) -> None:
+    """On a CPU, refuse up front a case whose training state alone exceeds the free memory (a GPU-sized case
+    would otherwise swap or be killed after minutes)."""
+    from opt_ds.models.presets import analytic_parameter_count
+    parameters = analytic_parameter_count(resolved.shape)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = _available_memory_bytes()
+    if needed > available:
+        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU ({parameters / 1e9:.2f}B "
+                          f"parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
+                          f"activations extra) but {available / 2 ** 30:.1f} GiB are free; it is a GPU case: run it "
+                          "on a GPU machine (opt_ds/bench/gpu_session.sh) or choose a CPU case (tiny, tiny-pp2)")
 
 
 def sweep_variants(cases: list, micro_batches: str, intervals: str) -> list:
