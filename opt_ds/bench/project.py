@@ -237,7 +237,7 @@ def assumptions(inp: ProjectionInputs, proj: Projection) -> list:
         ("per-layer compute", layer, "one decoder layer's TP shard, one micro-batch, fwd+bwd"
          + (" + recomputed fwd" if inp.recompute else "")),
         ("GEMM efficiency", f"{inp.gemm_efficiency:.2f} of peak",
-         "cuBLAS on large 16-bit GEMMs: 776/989 = 0.78 measured on H100 at 8192³ (training-recipe.md); "
+         "cuBLAS on large 16-bit GEMMs: 776/989 = 0.78 measured on H100 at 8192³; "
          "A100 runs whole GPT steps at up to 72 % of peak (FlashAttention-2 paper), so its GEMMs sit above that"),
         ("attention efficiency", f"{inp.attention_efficiency:.2f} of peak",
          "FlashAttention-2 reaches 50–73 % of A100 peak (its paper; backward lower); counted on full s² FLOPs"),
