@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
                       force=args.force, verify=args.verify, dry_run=args.dry_run)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
+    with warnings.catch_warnings():             # keeps opt_ds.quiet's filters of third-party start-up noise
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
         try:
             return convert(args.source, args.destination, options)

@@ -1,7 +1,8 @@
 """The README end to end on one shortened demo run: launchers/demo.sh preprocesses the bundled corpus, trains
 TP=2 x PP=2 through DeepSpeed's launcher (4 ranks, no third-party warning printed), saves, samples and
 summarises; then every command of the README runs as written against it, in a folder laid out like a fresh
-clone after `make demo` (CPU-feasible ones for real, with fewer steps; GPU-sized ones as --print-config)."""
+clone after `make demo` (CPU-feasible ones for real, with fewer steps; GPU-sized ones as --print-config),
+and so does the offline path of docs/fine-tuning.md."""
 import re
 import shlex
 import sys
@@ -25,7 +26,7 @@ def clone(tmp_path_factory):
     for name in ("ds_configs", "launchers", "opt_ds", "README.md"):
         (root / name).symlink_to(REPO / name)
     proc = run(["bash", "launchers/demo.sh", f"train.steps={DEMO_STEPS}", "train.eval_interval=8",
-                "train.save_interval=8", "sample.max_new_tokens=8"], timeout=400, cwd=root,
+                "train.save_interval=8", "sample.max_new_tokens=8"], timeout=900, cwd=root,
                BIN=Path(sys.executable).parent)
     return root, proc.stdout
 
@@ -55,8 +56,9 @@ def test_generate_needs_whole_tensor_parallel_groups(clone):
 
 
 def readme_commands() -> list:
-    """The commands of the README's bash blocks (continuations joined, comments dropped), but `make`."""
-    text = (REPO / "README.md").read_text()
+    """The commands of the bash blocks of the README and the fine-tuning recipe's offline path (continuations
+    joined, comments dropped), but `make`."""
+    text = (REPO / "README.md").read_text() + (REPO / "docs" / "fine-tuning.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -101,7 +103,7 @@ def adapted(words: list):
 def test_every_readme_command_runs_as_written(clone):
     root, _ = clone
     commands = readme_commands()
-    assert len(commands) >= 15
+    assert len(commands) >= 20
     for words in commands:
         command, env, expected = adapted(words)
         proc = run(command, cwd=root, timeout=400, check=False, **env)

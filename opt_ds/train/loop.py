@@ -254,7 +254,6 @@ class Trainer:
             if verdict.diverged:
                 self.supervisor.recover(verdict)            # rolls back (or raises TrainingDiverged)
                 batches = self.batches(self.train_data, self.state.data_step)
-                interval = []
                 continue
             if verdict.stop:
                 return self.stop(verdict, last)
@@ -279,7 +278,7 @@ class Trainer:
         where = self.resume_point.folder if self.resume_point is not None else "the run"
         self.metrics.say(f"nothing to train: {where} is at step {self.state.step} and "
                          f"train.steps={train.steps}. To train further, raise it (e.g. train.steps="
-                         f"{2 * train.steps}); to start a new run, set another train.save_dir")
+                         f"{2 * train.steps or 10}); to start a new run, set another train.save_dir")
         self.metrics.log("end", self.state.step, trained_steps=0)
         self.metrics.close()
         self.supervisor.close()
