@@ -142,8 +142,8 @@ def check_fits_in_memory(case, resolved) -> None:
     needed = parameters * TRAINING_BYTES_PER_PARAMETER
     available = _available_memory_bytes()
     if needed > available:
-        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU ({parameters / 1e9:.2f}B "
-                          f"parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
+        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU "
+                          f"({parameters / 1e9:.2f}B parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
                           f"activations extra) but {available / 2 ** 30:.1f} GiB are free; it is a GPU case: run it "
                           "on a GPU machine (opt_ds/bench/gpu_session.sh) or choose a CPU case (tiny, tiny-pp2)")
 

@@ -18,5 +18,5 @@ from opt_ds.config.sections import (BatchConfig, BlendEntry, CheckpointConfig, C
 
 __all__ = ["BatchConfig", "BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FaultsConfig",
            "HealthConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RecoveryConfig",
-           "ResolvedConfig", "RunConfig", "SampleConfig", "TrainConfig", "WandbConfig", "apply_overrides", "build_dataclass",
-           "deepspeed_config", "load_config", "merge_deepspeed_json", "resolve"]
+           "ResolvedConfig", "RunConfig", "SampleConfig", "TrainConfig", "WandbConfig", "apply_overrides",
+           "build_dataclass", "deepspeed_config", "load_config", "merge_deepspeed_json", "resolve"]

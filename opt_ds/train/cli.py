@@ -14,8 +14,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="YAML run config, e.g. ds_configs/demo.yaml ('-': none, defaults plus overrides)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and the generated DeepSpeed JSON, then exit (without a launcher, "
-                             "at the layout the config asks for, DP=1 where parallel.data is auto)")
+                        help="print the resolved config and the generated DeepSpeed JSON, then exit (without a "
+                             "launcher: at the layout the config asks for, DP=1 where parallel.data is auto)")
 
 
 def run(args) -> int:
