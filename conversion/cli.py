@@ -14,8 +14,9 @@ import signal
 import sys
 import warnings
 
-from conversion.convert import DTYPES, FORMATS, Options, convert
-from conversion.files import ConversionError
+from conversion.formats import DTYPE_NAMES, FORMATS
+
+HELP = "convert checkpoints: metaseq, Hugging Face, opt_ds at any TP/PP, universal (verified by logits)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="global_step0", help="tag of an opt_ds target (default global_step0)")
     parser.add_argument("--src-tag", help="tag to read from an opt_ds source (default: the one `latest` names)")
     parser.add_argument("--num-heads", type=int, help="attention heads, for sources that do not record them")
-    parser.add_argument("--dtype", choices=list(DTYPES), help="cast every floating tensor (default: keep each "
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="cast every floating tensor (default: keep each "
                                                               "tensor's dtype; metaseq releases mix fp16 and fp32)")
     parser.add_argument("--metaseq-layout", choices=("parts", "restored"), default="parts",
                         help="metaseq target: reshard-model_part-K.pt with fused K,V,Q (metaseq's own loader, "
@@ -49,13 +50,14 @@ def _stop(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
+    from conversion.convert import Options, convert
+    from conversion.files import ConversionError
     options = Options(to=args.to, src_format=args.src_format, tp=args.tp, pp=args.pp, tag=args.tag,
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
                       force=args.force, verify=args.verify, dry_run=args.dry_run)
     previous = signal.signal(signal.SIGTERM, _stop)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
+    with warnings.catch_warnings():             # keeps opt_ds.quiet's filters of third-party start-up noise
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
         try:
             return convert(args.source, args.destination, options)

@@ -10,10 +10,10 @@ import torch
 from conversion import hf, metaseq, opt_ds_format, universal
 from conversion.canonical import Checkpoint, describe_shape, expected_shapes
 from conversion.files import ConversionError, check_writable_destination, staged_directory
+from conversion.formats import DTYPE_NAMES, FORMATS
 from conversion.verify import verify
 
-FORMATS = ("hf", "metaseq", "opt_ds", "universal")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def detect_format(path) -> str:

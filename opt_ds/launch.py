@@ -18,6 +18,7 @@ from pathlib import Path
 
 from opt_ds.config import load_config
 from opt_ds.errors import UserError
+from opt_ds.ports import free_port
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 
@@ -90,7 +91,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--launcher", default="pdsh", choices=LAUNCHER_TOOLS,
                         help="multi-node launcher: pdsh, openmpi, ... (DeepSpeed's runner) or slurm (one srun task "
                              "per rank, so SLURM's signals reach every rank; see opt_ds/slurm.py)")
-    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="rendezvous port on the first node (default: a port free on this machine, so runs "
+                             "sharing a node do not collide)")
     parser.add_argument("--master-addr", default=None, help="address of the first node (default: DeepSpeed's choice)")
     parser.add_argument("--runner-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for DeepSpeed's runner, repeatable (e.g. --runner-arg=--ssh_port=2222)")
@@ -98,7 +101,8 @@ def add_arguments(parser) -> None:
 
 
 def build_command(args, world_size: int) -> list:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(args.master_port)]
+    # DeepSpeed's runner, started through opt_ds.quiet so its start-up noise is filtered like the ranks'
+    cmd = [sys.executable, "-m", "opt_ds.quiet", "--master_port", str(args.master_port)]
     if args.hostfile:
         cmd += ["--hostfile", str(args.hostfile), "--launcher", args.launcher]
     else:
@@ -106,10 +110,13 @@ def build_command(args, world_size: int) -> list:
     if args.master_addr:
         cmd += ["--master_addr", args.master_addr]
     cmd += args.runner_arg
-    return cmd + ["--module", "opt_ds", "train", str(args.config), *args.overrides]
+    verbose = ["--verbose"] if getattr(args, "verbose", False) else []
+    return cmd + ["--module", "opt_ds", "train", str(args.config), *args.overrides, *verbose]
 
 
 def run(args) -> int:
+    if args.master_port is None:
+        args.master_port = free_port()
     if args.hostfile:
         hosts = parse_hostfile(args.hostfile)
         world_size = sum(hosts.values())

@@ -1,4 +1,4 @@
-"""FLOPs conventions against hand-computed values (anchors.md §6.4, training-recipe.md)."""
+"""FLOPs conventions against hand-computed values (Narayanan et al. 2021; Kaplan et al. 2020)."""
 import pytest
 
 from opt_ds.models.flops import (OPT_175B_A100_TFLOPS, all_conventions, hardware_flops, matmul_parameters,

@@ -16,7 +16,7 @@ from opt_ds.config import ConfigError, ResolvedConfig, load_config
 from opt_ds.models.presets import OPTShape, get_preset
 
 # OPT trained with dropout 0.1; the named cases use 0.0 like the peer benchmark behind the reference
-# H100 numbers (training-recipe.md), so both sides of every comparison do the same work. `:dropout=0.1`
+# H100 numbers, so both sides of every comparison do the same work. `:dropout=0.1`
 # measures the recipe's setting.
 BENCH_DROPOUT = 0.0
 TINY_SHAPE = OPTShape(num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256, vocab_size=1024,

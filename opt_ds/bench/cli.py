@@ -25,7 +25,6 @@ from pathlib import Path
 from opt_ds.bench.cases import NAMED_CASES, PRECISIONS, BenchCase, parse_case, with_changes
 from opt_ds.bench.project_cli import add_projection_arguments, projection_inputs_from
 from opt_ds.config import ConfigError
-from opt_ds.parallel.layout import shutdown_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,12 +114,35 @@ def resolve_cases(specs: list, changes: dict, cuda: bool, gpus: int) -> list:
     """Parse, resolve precision and validate every case before anything runs."""
     cases = [parse_case(spec, changes).resolve_precision(cuda) for spec in specs]
     for case in cases:
-        case.config()                   # raises ConfigError naming the bad key
+        resolved = case.config()        # raises ConfigError naming the bad key
+        if not cuda:
+            check_fits_in_memory(case, resolved)
         if cuda and case.world_size > gpus:
             raise ConfigError(f"case {case.label()} needs {case.world_size} GPUs ({case.layout}) but {gpus} "
                               f"{'is' if gpus == 1 else 'are'} visible; shrink its layout (e.g. "
                               f"{case.name}:tp=1,pp=1,dp=1) or run on a larger machine")
     return cases
+
+
+TRAINING_BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and Adam's two moments (activations extra)
+
+
+def _available_memory_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(case, resolved) -> None:
+    """On a CPU, refuse up front a case whose training state alone exceeds the free memory (a GPU-sized case
+    would otherwise swap or be killed after minutes)."""
+    from opt_ds.models.presets import analytic_parameter_count
+    parameters = analytic_parameter_count(resolved.shape)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = _available_memory_bytes()
+    if needed > available:
+        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU "
+                          f"({parameters / 1e9:.2f}B parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
+                          f"activations extra) but {available / 2 ** 30:.1f} GiB are free; it is a GPU case: run it "
+                          "on a GPU machine (opt_ds/bench/gpu_session.sh) or choose a CPU case (tiny, tiny-pp2)")
 
 
 def sweep_variants(cases: list, micro_batches: str, intervals: str) -> list:
@@ -223,6 +245,7 @@ def run_launched(args) -> int:
     from opt_ds.bench.metrics import derive
     from opt_ds.bench.suite import Suite, SuiteOptions
     from opt_ds.bench.worker import measure_case
+    from opt_ds.parallel.layout import shutdown_distributed
 
     if len(args.cases) != 1 or args.sweep or args.project:
         raise ConfigError("under a launcher, opt-ds bench runs exactly one CASE (no --sweep, --project or peers); "

@@ -1,6 +1,6 @@
 """The peer a user would pick instead: Hugging Face `OPTForCausalLM` on the same shape, batch and precision.
 
-Two ways to train it, measured like ../shared/tools/hf_peer_bench.py does on one device:
+Two ways to train it, measured as a plain training script would on one device:
   hf            plain PyTorch step: bf16/fp16 autocast on GPU (fp32 on CPU), AdamW, gradient clipping
   hf-deepspeed  the same model inside a DeepSpeed ZeRO-1 engine with opt_ds's own DeepSpeed config
                 (bf16 weights, fp32 gradient accumulation), so only the model and pipeline code differ

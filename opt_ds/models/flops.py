@@ -1,6 +1,7 @@
 """FLOPs per training step under the three conventions papers use, each with its formula written out.
 
-For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (training-recipe.md, anchors §6.4):
+For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (Narayanan et al. 2021, "Efficient
+Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", appendix; Kaplan et al. 2020 for 6N):
 
   model      72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))   Narayanan et al. 2021 without recompute, full s² attention
   hardware   96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))   Narayanan eq. 3: every layer's forward runs twice

@@ -337,9 +337,10 @@ def check_compatible(point: ResumePoint, shape, layout) -> None:
             raise CheckpointError(
                 f"{point.folder} was saved at TP={tp} x PP={pp} x DP={dp}, this run is {layout}; ZeRO optimizer "
                 f"state only loads at the layout that wrote it. Convert it once with `opt-ds convert "
-                f"{point.directory} {point.directory}-universal --to universal` and set "
-                f"train.load_dir={point.directory}-universal (keeps the optimizer), or `--to opt_ds --tp "
-                f"{layout.tensor} --pp {layout.pipeline}` (weights only)")
+                f"{point.directory} {point.directory}-universal --to universal` and train with "
+                f"train.load_dir={point.directory}-universal train.save_dir={point.directory}-tp{layout.tensor}"
+                f"pp{layout.pipeline} (keeps the optimizer; a new save_dir, since a run resumes from its own "
+                f"save_dir first), or `--to opt_ds --tp {layout.tensor} --pp {layout.pipeline}` (weights only)")
 
 
 def load(engine, point: ResumePoint, verify: str = "sha256") -> dict:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opt_ds.config import ConfigError, ModelConfig, RunConfig, build_dataclass, resolve
-from opt_ds.train import checkpoint
+
+# opt_ds.train.checkpoint (torch.distributed) is imported where it is used, so `--help` stays instant.
+if TYPE_CHECKING:
+    from opt_ds.train import checkpoint
 
 
 def add_arguments(parser) -> None:
@@ -28,6 +32,7 @@ def add_arguments(parser) -> None:
 def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     """The run config a checkpoint was trained with; for a weights-only checkpoint written by
     `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
+    from opt_ds.train import checkpoint
     from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
@@ -63,6 +68,7 @@ def inference_config(saved: dict, world_size: int):
 
 def locate(path: Path) -> checkpoint.ResumePoint:
     """A train.save_dir (its 'latest' pointer) or a checkpoint folder itself, checked against its manifest."""
+    from opt_ds.train import checkpoint
     if (path / checkpoint.LATEST).is_file() or (path / checkpoint.UNIVERSAL_LATEST).is_file():
         directory, tag = path, None
     elif (path / "mp_rank_00_model_states.pt").is_file():
@@ -77,7 +83,7 @@ def locate(path: Path) -> checkpoint.ResumePoint:
 def check_intact(directory: Path, tag) -> None:
     """Every file of the checkpoint matches its manifest (SHA-256); the fix names an intact checkpoint to
     generate from instead (training's own fix, resuming with train.load_tag, does not apply here)."""
-    from opt_ds.train import manifest
+    from opt_ds.train import checkpoint, manifest
     if tag is None:
         return
     problems = manifest.verify(directory / tag, "sha256")
@@ -133,6 +139,7 @@ def find_tokenizer(cfg, directory: Path):
 
 
 def run(args) -> int:
+    from opt_ds.train import checkpoint
     import torch.distributed as dist
 
     from opt_ds.data.tokenizer import BPETokenizer

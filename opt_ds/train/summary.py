@@ -58,10 +58,10 @@ def summarize(records: list) -> list:
         lines.append(f"training loss:   {trains[0]['loss']:.3f} at step {trains[0]['step']} -> {trains[-1]['loss']:.3f} "
                      f"at step {trains[-1]['step']}")
         speeds = sorted(r["tokens_per_second"] for r in trains if _numeric(r, "tokens_per_second"))
-        flops = [r["model_tflops_per_gpu"] for r in trains if _numeric(r, "model_tflops_per_gpu")]
-        if speeds and flops:
-            lines.append(f"throughput:      {speeds[len(speeds) // 2]:.0f} tokens/s (median), "
-                         f"{flops[-1]:.4f} model TFLOP/s per process")
+        tflops = sorted(r["model_tflops_per_gpu"] for r in trains if _numeric(r, "model_tflops_per_gpu"))
+        if speeds and tflops:
+            lines.append(f"throughput:      {speeds[len(speeds) // 2]:.0f} tokens/s, {tflops[len(tflops) // 2]:.4f} "
+                         f"model TFLOP/s per process (medians over {len(speeds)} log lines)")
     checkpoints = [r for r in records if r["event"] == "checkpoint" and "path" in r]
     if checkpoints:
         lines.append(f"checkpoint:      {checkpoints[-1]['path']}")
