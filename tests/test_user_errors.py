@@ -56,6 +56,20 @@ def config(*overrides, world_size=None, path=None):
     return load_config(path, BASE + list(overrides), world_size=world_size)
 
 
+def without_module(name: str, call):
+    """Run `call` as if the package `name` were not installed (Python's own import block: None in sys.modules)."""
+    import sys
+    saved = sys.modules.get(name, False)
+    sys.modules[name] = None
+    try:
+        return call()
+    finally:
+        if saved is False:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+
+
 # config/loading.py
 case("yaml-missing", lambda t, r: config(path=t / "nope.yaml"), "nope.yaml' does not exist", "ds_configs/demo.yaml")
 case("yaml-invalid", lambda t, r: config(path=t / "c.yaml"), "not valid YAML",
@@ -71,7 +85,8 @@ case("expected-list", lambda t, r: config("optimizer.betas=0.9"), "optimizer.bet
 case("expected-bool", lambda t, r: config("train.tensorboard=maybe"), "train.tensorboard: expected true or false")
 case("expected-int", lambda t, r: config("train.steps=many"), "train.steps: expected an integer, got 'many'")
 case("expected-number", lambda t, r: config("optimizer.lr=fast"), "optimizer.lr: expected a number")
-case("expected-string", lambda t, r: config("precision.dtype=16"), "precision.dtype: expected a string")
+case("expected-string", lambda t, r: config(path=t / "c.yaml"), "precision.dtype: expected a string",
+     setup=lambda t, r: (t / "c.yaml").write_text("precision:\n  dtype: 16\n"))
 
 # config/sections.py
 case("unknown-preset", lambda t, r: load_config(None, ["model.preset=opt-7b"]), "model.preset:", "opt-6.7b")
@@ -98,6 +113,10 @@ case("seq-beyond-positions", lambda t, r: config("batch.seq_length=128"),
      "batch.seq_length 128 exceeds model.max_position_embeddings 64")
 case("spike-warmup-beyond-window", lambda t, r: config("health.spike_window=5"),
      "health.spike_warmup_steps 10 exceeds health.spike_window 5", "raise the window or lower the warm-up")
+case("override-not-yaml", lambda t, r: config("data.train=[{path: corpus"), "the value is not valid YAML",
+     "quote it for the shell")
+case("wandb-not-installed", lambda t, r: without_module("wandb", lambda: config("train.wandb.project=p")),
+     "train.wandb.project is set but wandb is not installed", "pip install 'opt_ds[wandb]'")
 case("betas-not-two", lambda t, r: config("optimizer.betas=[0.9]"), "optimizer.betas must be two numbers",
      "optimizer.betas=[0.9, 0.95]")
 case("data-train-empty", lambda t, r: config("data.train=[]"), "data.train is empty",
@@ -160,12 +179,18 @@ def _violation(rule):
     return rule.high if rule.high_open else rule.high + 1
 
 
-def _dotted(cls) -> str:
-    """The config path of a section class (BlendEntry lives inside data.train)."""
-    run = RunConfig()
-    for f in dataclasses.fields(run):
-        if type(getattr(run, f.name)) is cls:
-            return f.name
+def _dotted(cls, section=None, prefix: str = "") -> str:
+    """The config path of a section class, nested ones included (BlendEntry lives inside data.train)."""
+    section = RunConfig() if section is None else section
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if type(value) is cls:
+            return prefix + f.name
+        if dataclasses.is_dataclass(value):
+            try:
+                return _dotted(cls, value, f"{prefix}{f.name}.")
+            except KeyError:
+                pass
     raise KeyError(cls)
 
 

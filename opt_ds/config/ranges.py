@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from opt_ds.config.sections import (BatchConfig, BlendEntry, CheckpointConfig, ConfigError, DataConfig, FaultsConfig,
                                     HealthConfig, ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig,
-                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig)
+                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig, WandbConfig)
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,9 @@ RANGES = {
         "save_dir": Folder("name a folder for the checkpoints (it is created if missing)"),
         "load_dir": Folder("name the train.save_dir folder of the run to resume from"),
         "log_dir": Folder("name a folder for metrics.jsonl (it is created if missing)"),
+    },
+    WandbConfig: {
+        "mode": OneOf(("online", "offline", "disabled"), "offline writes files only, for `wandb sync` later"),
     },
     SampleConfig: {
         "max_new_tokens": at_least(1, "tokens to generate after the prompt, e.g. sample.max_new_tokens=48"),

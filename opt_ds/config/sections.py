@@ -109,8 +109,6 @@ class WandbConfig:
     dir: Optional[str] = None                   # where W&B writes its files (default: train.log_dir)
 
     def __post_init__(self):
-        if self.mode not in ("online", "offline", "disabled"):
-            raise ConfigError(f"train.wandb.mode {self.mode!r}: choose online, offline or disabled")
         if self.project is not None and importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb.project is set but wandb is not installed; pip install "
                               "'opt_ds[wandb]' (or drop train.wandb)")
