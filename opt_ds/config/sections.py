@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from opt_ds.errors import UserError
-from opt_ds.models.presets import OPTShape, get_preset
+from opt_ds.models.family import ModelFamily, family_named, family_of_preset, get_preset
 
 
 class ConfigError(UserError, ValueError):
@@ -17,6 +17,7 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class ModelConfig:
     preset: Optional[str] = None
+    family: Optional[str] = None                # opt | llama; implied by the preset, else opt
     num_layers: Optional[int] = None
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
@@ -28,19 +29,41 @@ class ModelConfig:
     dropout: Optional[float] = None
     attention_dropout: Optional[float] = None
     init_std: Optional[float] = None
+    num_kv_heads: Optional[int] = None          # llama: grouped-query attention (default: num_heads)
+    rope_theta: Optional[float] = None          # llama: rotary base (10000; Llama 3: 500000)
 
-    def shape(self) -> OPTShape:
+    def model_family(self) -> ModelFamily:
+        try:
+            implied = family_of_preset(self.preset) if self.preset is not None else None
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+        try:
+            named = family_named(self.family) if self.family is not None else None
+        except ValueError as err:
+            raise ConfigError(f"model.family: {err}") from None
+        if implied and named and implied is not named:
+            raise ConfigError(f"model.family {self.family} disagrees with model.preset {self.preset} "
+                              f"(a {implied.name} model); drop model.family or pick a {self.family} preset")
+        return implied or named or family_named("opt")
+
+    def shape(self):
+        family = self.model_family()
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                     if f.name != "preset" and getattr(self, f.name) is not None}
-        if self.preset is not None:
-            try:
+                     if f.name not in ("preset", "family") and getattr(self, f.name) is not None}
+        foreign = sorted(set(overrides) - family.shape_fields())
+        if foreign:
+            raise ConfigError(f"model.{foreign[0]} is not a setting of the {family.name} family; remove it "
+                              f"(or set model.family / model.preset to a family that has it)")
+        try:
+            if self.preset is not None:
                 return get_preset(self.preset).shape.replace(**overrides)
-            except ValueError as err:
-                raise ConfigError(f"model.preset: {err}") from None
-        missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if k not in overrides]
-        if missing:
-            raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
-        return OPTShape(**overrides)
+            missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+                       if k not in overrides]
+            if missing:
+                raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
+            return family.shape_type(**overrides)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 @dataclass
@@ -50,7 +73,7 @@ class ParallelConfig:
     data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
     zero_stage: int = 1
     activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
-    partition_method: str = "type:OPTDecoderLayer"
+    partition_method: str = "type:DecoderLayer"     # DeepSpeed regex on layer class names: decoder layers
 
 
 @dataclass

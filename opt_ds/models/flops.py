@@ -6,15 +6,17 @@ For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (training-
   hardware   96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))   Narayanan eq. 3: every layer's forward runs twice
   6N+attn    B·s·(6·N + 12·l·h·s)                     torchtitan; N = the parameters used in matmuls
 
-The closed forms assume an MLP of width 4h and an LM head of width h, which holds for every OPT size but
-opt-350m (512-wide embedding with project_in/project_out). The sums below are exact per term and reduce
-to the closed forms when F = 4h and E = h; for other shapes the formula text says which terms changed.
+The closed forms assume 12·h² matmul weights per layer (attention 4h², a 4h-wide two-matrix MLP 8h²) and
+an LM head of width h, which holds for every OPT size but opt-350m (512-wide embedding with project_in/
+project_out) and for no LLaMA (SwiGLU's three F-wide matrices, grouped-query K/V). The sums below are exact
+per term, from the model family's matmul weights, and reduce to the closed forms for 12h²-layer shapes;
+for other shapes the formula text says which terms changed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.models.presets import OPTShape, POSITION_OFFSET, analytic_parameter_count
+from opt_ds.models.family import family_of
 
 MODEL_FORMULA = "72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))"
 HARDWARE_FORMULA = "96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))"
@@ -34,49 +36,39 @@ class FlopsCount:
     worked: str         # the formula with this run's numbers substituted
 
 
-def layer_flops_per_token(shape: OPTShape, seq: int) -> float:
-    """Forward + backward FLOPs of one decoder layer per token: 3 × (matmuls 2·(4h² + 2hF) + attention 4·s·h).
+def layer_flops_per_token(shape, seq: int) -> float:
+    """Forward + backward FLOPs of one decoder layer per token: 3 × (2·matmul weights + attention 4·s·h).
 
-    The attention term counts the full s×s score and context products (no causal halving), as
-    Narayanan et al. do; biases, LayerNorm, softmax and ReLU are not counted.
+    OPT's matmul weights are 4h² + 2hF; LLaMA's h·(h + 2·kv·d) + h² + 3hF. The attention term counts the
+    full s×s score and context products (no causal halving), as Narayanan et al. do; biases, norms,
+    softmax and activations are not counted.
     """
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    return 3.0 * (2.0 * (4 * h * h + 2 * h * f) + 4.0 * seq * h)
+    weights = family_of(shape).layer_matmul_parameters(shape)
+    return 3.0 * (2.0 * weights + 4.0 * seq * shape.hidden_size)
 
 
-def head_flops_per_token(shape: OPTShape) -> float:
+def head_flops_per_token(shape) -> float:
     """Forward + backward FLOPs of the LM head (6·V·E) and of opt-350m's project_in/out (2 × 6·E·h)."""
-    e, h = shape.embed_dim, shape.hidden_size
-    projections = 12.0 * e * h if shape.has_projections else 0.0
-    return 6.0 * shape.vocab_size * e + projections
+    return 6.0 * family_of(shape).head_matmul_parameters(shape)
 
 
-def matmul_parameters(shape: OPTShape) -> int:
-    """N for the 6N convention: every parameter except the lookup tables, plus the tied LM head once.
+def matmul_parameters(shape) -> int:
+    """N for the 6N convention: every parameter except the lookup tables.
 
     torchtitan subtracts embedding tables from N; its models have an untied output head, which stays in
-    N. OPT's head is the tied token embedding, and its V×E matmul is real work, so it is counted here.
+    N (so for LLaMA the token embedding is left out and the head counted). OPT's head is the tied token
+    embedding, and its V×E matmul is real work, so it is counted; only OPT's learned positions are left out.
     """
-    positions = (shape.max_position_embeddings + POSITION_OFFSET) * shape.hidden_size
-    return analytic_parameter_count(shape) - positions
+    family = family_of(shape)
+    return family.analytic_parameter_count(shape) - family.lookup_parameters(shape)
 
 
-def _closed_form_applies(shape: OPTShape) -> bool:
-    return shape.ffn_hidden_size == 4 * shape.hidden_size and not shape.has_projections
+def _shape_note(shape) -> str:
+    notes = family_of(shape).flops_notes(shape)
+    return " [exact per-term sum; " + "; ".join(notes) + "]" if notes else ""
 
 
-def _shape_note(shape: OPTShape) -> str:
-    if _closed_form_applies(shape):
-        return ""
-    notes = []
-    if shape.ffn_hidden_size != 4 * shape.hidden_size:
-        notes.append(f"F={shape.ffn_hidden_size}≠4h: per-layer term 6·(4h²+2hF)+12·s·h")
-    if shape.has_projections:
-        notes.append(f"E={shape.embed_dim}≠h: logits 6·V·E plus project_in/out 12·E·h per token")
-    return " [exact per-term sum; " + "; ".join(notes) + "]"
-
-
-def model_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+def model_flops(shape, batch: int, seq: int) -> FlopsCount:
     l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
     tokens = batch * seq
     flops = tokens * (l * layer_flops_per_token(shape, seq) + head_flops_per_token(shape))
@@ -85,7 +77,7 @@ def model_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
     return FlopsCount("model", "model FLOPs, no recompute", flops, MODEL_FORMULA, worked)
 
 
-def hardware_flops(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> FlopsCount:
+def hardware_flops(shape, batch: int, seq: int, recomputed_layers: int) -> FlopsCount:
     """Model FLOPs plus one more forward pass of each decoder layer whose activations are recomputed.
 
     With every layer recomputed this is Narayanan's eq. 3; with none it equals the model FLOPs.
@@ -106,7 +98,7 @@ def hardware_flops(shape: OPTShape, batch: int, seq: int, recomputed_layers: int
     return FlopsCount("hardware", "hardware FLOPs, with recompute", flops, HARDWARE_FORMULA, worked)
 
 
-def sixn_attention_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+def sixn_attention_flops(shape, batch: int, seq: int) -> FlopsCount:
     l, h = shape.num_layers, shape.hidden_size
     n = matmul_parameters(shape)
     flops = batch * seq * (6.0 * n + 12.0 * l * h * seq)
@@ -114,7 +106,7 @@ def sixn_attention_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
     return FlopsCount("6n_attention", "6N + attention (torchtitan)", flops, SIXN_FORMULA, worked)
 
 
-def all_conventions(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> list:
+def all_conventions(shape, batch: int, seq: int, recomputed_layers: int) -> list:
     """The three conventions for one optimizer step of `batch` sequences, in the order reports use."""
     return [model_flops(shape, batch, seq),
             hardware_flops(shape, batch, seq, recomputed_layers),

@@ -1,0 +1,48 @@
+"""The LLaMA family (arXiv 2302.13971, 2307.09288): RMSNorm pre-norm, SwiGLU, rotary positions, GQA, no
+biases, untied output head."""
+from __future__ import annotations
+
+from opt_ds.models.family import ModelFamily
+from opt_ds.models.llama.shape import PRESETS, LlamaShape, analytic_parameter_count, layer_matmul_parameters
+
+
+class LlamaFamily(ModelFamily):
+    name = "llama"
+    shape_type = LlamaShape
+    presets = PRESETS
+    decoder_layer_name = "LlamaDecoderLayer"
+    first_decoder_layer = 1
+    tied_embedding_key = ""
+
+    def layer_specs(self, shape, mp_config, tp_group=None) -> list:
+        from opt_ds.models.llama.pipeline import layer_specs
+        return layer_specs(shape, mp_config, tp_group)
+
+    def decoder_layer(self, shape, mp_config, tp_group=None):
+        from opt_ds.models.llama.layers import LlamaDecoderLayer
+        return LlamaDecoderLayer(shape, mp_config, tp_group)
+
+    def analytic_parameter_count(self, shape) -> int:
+        return analytic_parameter_count(shape)
+
+    def layer_matmul_parameters(self, shape) -> int:
+        return layer_matmul_parameters(shape)
+
+    def head_matmul_parameters(self, shape) -> int:
+        return shape.vocab_size * shape.hidden_size
+
+    def lookup_parameters(self, shape) -> int:
+        """The token embedding (torchtitan leaves it out of N; the untied head stays in)."""
+        return shape.vocab_size * shape.hidden_size
+
+    def flops_notes(self, shape) -> list:
+        h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_heads
+        gqa = f", GQA kv={kv}: K/V 2·h·kv·d" if kv != shape.num_heads else ""
+        return [f"SwiGLU F={f}: per-layer matmul weights 2h²+2h·kv·d+3hF{gqa}; untied head 6·V·h"]
+
+    def tensor_parallel_divisors(self, shape) -> dict:
+        return {"num_heads": shape.num_heads, "num_kv_heads": shape.kv_heads,
+                "ffn_hidden_size": shape.ffn_hidden_size, "vocab_size": shape.vocab_size}
+
+
+FAMILY = LlamaFamily()
