@@ -31,6 +31,7 @@ class ModelConfig:
     init_std: Optional[float] = None
     num_kv_heads: Optional[int] = None          # llama: grouped-query attention (default: num_heads)
     rope_theta: Optional[float] = None          # llama: rotary base (10000; Llama 3: 500000)
+    rms_norm_eps: Optional[float] = None        # llama: 1e-6 (Llama 2: 1e-5)
 
     def model_family(self) -> ModelFamily:
         try:
