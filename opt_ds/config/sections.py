@@ -119,7 +119,7 @@ class DataConfig:
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None
-    tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
+    tokenizer: Optional[str] = None             # "opt", a tokenizer.json, or a folder with vocab.json + merges.txt
 
 
 @dataclass

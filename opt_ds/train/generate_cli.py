@@ -17,7 +17,7 @@ from opt_ds.train import checkpoint
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a train.save_dir (uses its 'latest') or a global_step* folder")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--tokenizer", help="'opt' or a folder with vocab.json + merges.txt "
+    parser.add_argument("--tokenizer", help="'opt', a tokenizer.json, or a folder with vocab.json + merges.txt "
                                             "(default: the one the run was configured with)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 0 = greedy")
@@ -70,14 +70,14 @@ def locate(path: Path) -> checkpoint.ResumePoint:
 def run(args) -> int:
     import torch.distributed as dist
 
-    from opt_ds.data.tokenizer import BPETokenizer
+    from opt_ds.data.tokenizer import load_tokenizer
     from opt_ds.train.engine import build_engine
     from opt_ds.train.generate import sample_text
     from opt_ds.train.loop import run_tokenizer
 
     point = locate(Path(args.checkpoint))
     cfg = inference_config(saved_run_config(point), int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else run_tokenizer(cfg)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(cfg)
     engine = build_engine(cfg, for_training=False)
     checkpoint.load(engine, dataclasses.replace(point, kind="weights"))
     text = sample_text(engine, tokenizer, args.prompt, seq_length=cfg.run.batch.seq_length, micro_batch=1,
