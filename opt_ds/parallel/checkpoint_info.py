@@ -58,7 +58,7 @@ def universal_checkpoint_info(shape, original_vocab_size: Optional[int] = None) 
 
 
 def _name_pattern(name: str) -> str:
-    """`12.mlp.fc2.weight` -> `\d+\.mlp\.fc2\.weight$`: one pattern for the same tensor of every layer."""
+    r"""`12.mlp.fc2.weight` -> `\d+\.mlp\.fc2\.weight$`: one pattern for the same tensor of every layer."""
     index, _, rest = name.partition(".")
     return (r"\d+\." + re.escape(rest) if index.isdigit() else re.escape(name)) + "$"
 
