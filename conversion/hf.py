@@ -160,7 +160,8 @@ class HFReader:
         self.family = names_of(self.shape)
         self.weights = _WeightFiles(self.directory)
         tied = self.family.hf_tied_head
-        self.names = {canonical_name(n, tied): n for n in self.weights.shapes if canonical_name(n, tied) is not None}
+        self.names = {canonical_name(n, tied): n for n in self.weights.shapes if canonical_name(n, tied) is not None
+                      and not n.endswith("rotary_emb.inv_freq")}     # a buffer older LLaMA files saved
         if tied and LM_HEAD in self.weights.shapes:
             self._check_tied_head()
 
