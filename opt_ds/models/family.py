@@ -71,6 +71,10 @@ class ModelFamily:
         """`model.<field>` values that the tensor-parallel degree must divide."""
         raise NotImplementedError
 
+    def hf_model(self, shape):
+        """Hugging Face's model of this architecture on `shape` (the bench peer); needs transformers."""
+        raise NotImplementedError
+
     def final_layer_index(self, shape) -> int:
         return self.first_decoder_layer + shape.num_layers
 

@@ -40,6 +40,18 @@ class LlamaFamily(ModelFamily):
         gqa = f", GQA kv={kv}: K/V 2·h·kv·d" if kv != shape.num_heads else ""
         return [f"SwiGLU F={f}: per-layer matmul weights 2h²+2h·kv·d+3hF{gqa}; untied head 6·V·h"]
 
+    def hf_model(self, shape):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                             intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
+                             num_attention_heads=shape.num_heads, num_key_value_heads=shape.kv_heads,
+                             max_position_embeddings=shape.max_position_embeddings, rms_norm_eps=shape.rms_norm_eps,
+                             rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+                             initializer_range=shape.init_std, attention_dropout=shape.attention_dropout,
+                             tie_word_embeddings=False, use_cache=False)
+        config._attn_implementation = "sdpa"
+        return LlamaForCausalLM(config)
+
     def tensor_parallel_divisors(self, shape) -> dict:
         return {"num_heads": shape.num_heads, "num_kv_heads": shape.kv_heads,
                 "ffn_hidden_size": shape.ffn_hidden_size, "vocab_size": shape.vocab_size}

@@ -45,6 +45,17 @@ class OPTFamily(ModelFamily):
             notes.append(f"E={shape.embed_dim}≠h: logits 6·V·E plus project_in/out 12·E·h per token")
         return notes
 
+    def hf_model(self, shape):
+        from transformers import OPTConfig, OPTForCausalLM
+        config = OPTConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+                           num_hidden_layers=shape.num_layers, ffn_dim=shape.ffn_hidden_size,
+                           num_attention_heads=shape.num_heads, max_position_embeddings=shape.max_position_embeddings,
+                           word_embed_proj_dim=shape.embed_dim, do_layer_norm_before=shape.pre_layer_norm,
+                           dropout=shape.dropout, attention_dropout=shape.attention_dropout, activation_dropout=0.0,
+                           init_std=shape.init_std, use_cache=False, tie_word_embeddings=True)
+        config._attn_implementation = "sdpa"
+        return OPTForCausalLM(config)
+
     def tensor_parallel_divisors(self, shape) -> dict:
         return {"num_heads": shape.num_heads, "ffn_hidden_size": shape.ffn_hidden_size,
                 "vocab_size": shape.vocab_size}
