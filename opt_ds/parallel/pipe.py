@@ -13,19 +13,13 @@ from megatron.core import tensor_parallel
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
 
 from opt_ds.models.family import family_of
-from opt_ds.models.opt.pipeline import TIED_EMBEDDING_KEY  # noqa: F401  (OPT's tied key, for tests)
 
 # DeepSpeed matches `type:` against class names as a regex: this balances every family's decoder layers.
 DECODER_PARTITION_METHOD = "type:DecoderLayer"
 
 
-def decoder_layer_index(layer: int, shape=None) -> int:
-    """Index in the pipeline's layer list (and checkpoint file number) of decoder layer `layer`."""
-    from opt_ds.models.opt import FAMILY as OPT
-    return (family_of(shape) if shape is not None else OPT).decoder_layer_index(layer)
-
-
 def final_layer_index(shape) -> int:
+    """Index in the pipeline's layer list (and checkpoint file number) of the layer after the decoders."""
     return family_of(shape).final_layer_index(shape)
 
 
