@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
 def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     """The run config a checkpoint was trained with; for a weights-only checkpoint written by
     `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.config.sections import ModelConfig
+    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
                                          "optimizer can load; generate from the training checkpoint it was made from")
@@ -39,7 +40,10 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
         raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
                                          "written by `opt-ds train` or `opt-ds convert`")
     tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
-    return {"model": shape, "parallel": {"tensor": tensor},
+    settable = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {k: v for k, v in shape.items() if k in settable and v is not None}
+    model["family"] = point.saved.get(MODEL_FAMILY_KEY, "opt")
+    return {"model": model, "parallel": {"tensor": tensor},
             "batch": {"seq_length": min(2048, shape["max_position_embeddings"])}}
 
 
