@@ -50,3 +50,9 @@ def test_pinning_a_json_that_no_longer_matches_fails(tmp_path):
     edited.write_text(text + "deepspeed: deepspeed/ds.json\n")
     with pytest.raises(Exception, match="train_micro_batch_size_per_gpu=2 but the config gives 1"):
         load_config(edited, world_size=256)
+
+
+def test_demo_llama_is_a_gqa_llama_at_tp2_pp2():
+    cfg = load_config(CONFIGS / "demo-llama.yaml", world_size=4)
+    assert type(cfg.shape).__name__ == "LlamaShape" and (cfg.shape.num_heads, cfg.shape.kv_heads) == (8, 2)
+    assert (cfg.tensor, cfg.pipeline, cfg.data) == (2, 2, 1) and cfg.run.optimizer.schedule == "cosine"
