@@ -74,3 +74,9 @@ def test_unimplemented_config_options_are_refused(hf_dir, tmp_path, change, name
     with pytest.raises(ConversionError, match=f"{named}.* is not implemented by opt_ds's LLaMA.*refusing"):
         run_convert(src, tmp_path / "out", to="opt_ds")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_parallel_degree_must_divide_the_key_value_heads(hf_dir, tmp_path):
+    with pytest.raises(ConversionError, match="--tp 4 does not divide num_kv_heads 2; use one of 1, 2"):
+        run_convert(hf_dir, tmp_path / "out", to="opt_ds", tp=4)
+    assert not (tmp_path / "out").exists()
