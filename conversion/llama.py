@@ -78,7 +78,8 @@ def shape_from_config(config: dict, where: str) -> LlamaShape:
                           rms_norm_eps=config.get("rms_norm_eps", 1e-6),
                           init_std=config.get("initializer_range", 0.02))
     except KeyError as err:
-        raise ConversionError(f"{where}: config.json lacks {err.args[0]!r}; it is not a complete LLaMA config") from None
+        raise ConversionError(f"{where}: config.json lacks {err.args[0]!r}; it is not a complete LLaMA "
+                              "config") from None
     except ValueError as err:
         raise ConversionError(f"{where}: {err}") from None
 

@@ -28,9 +28,12 @@ from conversion.sharding import check_same, chunk
 PARAMS = "params.json"
 SHARD_FILE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Meta name inside a layer -> (canonical name, split dim or None when replicated)
-LAYER_NAMES = {"attention.wq.weight": ("self_attn.q_proj.weight", 0), "attention.wk.weight": ("self_attn.k_proj.weight", 0),
-               "attention.wv.weight": ("self_attn.v_proj.weight", 0), "attention.wo.weight": ("self_attn.o_proj.weight", 1),
-               "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0), "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+LAYER_NAMES = {"attention.wq.weight": ("self_attn.q_proj.weight", 0),
+               "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+               "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+               "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+               "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+               "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
                "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
                "attention_norm.weight": ("input_layernorm.weight", None),
                "ffn_norm.weight": ("post_attention_layernorm.weight", None)}
@@ -116,7 +119,7 @@ class MetaReader:
             dim, layers, heads = p["dim"], p["n_layers"], p["n_heads"]
         except KeyError as err:
             raise ConversionError(f"{where} lacks {err.args[0]!r}") from None
-        vocab, width = self.shards[0]["tok_embeddings.weight"].shape[0], self.shards[0]["tok_embeddings.weight"].shape[1]
+        vocab, width = self.shards[0]["tok_embeddings.weight"].shape
         if width * parts != dim:
             raise ConversionError(f"{self.directory}: {parts} shards of tok_embeddings give dim {width * parts}, "
                                   f"{PARAMS} says {dim}: a shard is missing or extra (the release has "
@@ -187,8 +190,9 @@ def read(directory) -> Checkpoint:
 def check_parts(shape, parts: int) -> None:
     if not isinstance(shape, LlamaShape):
         raise ConversionError("only LLaMA models have a Meta release layout; choose another --to")
-    for what, value in (("heads", shape.num_heads), ("key/value heads", shape.kv_heads), ("hidden size", shape.hidden_size),
-                        ("FFN width", shape.ffn_hidden_size), ("vocabulary", shape.vocab_size)):
+    for what, value in (("heads", shape.num_heads), ("key/value heads", shape.kv_heads),
+                        ("hidden size", shape.hidden_size), ("FFN width", shape.ffn_hidden_size),
+                        ("vocabulary", shape.vocab_size)):
         if value % parts:
             raise ConversionError(f"--tp {parts} shards do not divide the {what} {value}; choose a shard count "
                                   "that does")

@@ -1,7 +1,7 @@
 """Issue: the model is the same whatever the layout, for every model family.
 
-Each layout trains the same tiny OPT, and the same tiny LLaMA with grouped-query attention (fp32, dropout off, same seed, same learnable data, same global batch,
-gradient clipping active) with the real Trainer in real multi-process runs; every per-step loss and
+Each layout trains the same tiny OPT, and the same tiny LLaMA with grouped-query attention (fp32, dropout
+off, same seed, same learnable data, same global batch, gradient clipping active) with the real Trainer in real multi-process runs; every per-step loss and
 gradient norm must equal the single-process run's within 1e-5 relative, the initial full weights must be
 bit-identical, and OPT's tied embedding copies on the first and last stage must stay bit-identical.
 """

@@ -34,7 +34,8 @@ def universal_checkpoint_info(shape, original_vocab_size: Optional[int] = None) 
     megatron's TP attributes (`opt_ds.parallel.pipe.tensor_parallel_dims`): replicated tensors, tensors split
     on dim 1 (row-parallel), vocabulary tensors, and column-parallel tensors made of two sub-tensors
     (partition_stride 2: LLaMA's [gate_shard; up_shard]). Other column-parallel tensors need no pattern
-    (DeepSpeed's default concatenates on dim 0); fused QKV rows are grouped per head so that is right. Every pattern matches a parameter, as ds_to_universal requires.
+    (DeepSpeed's default concatenates on dim 0); fused QKV rows are grouped per head so that is right.
+    Every pattern matches a parameter, as ds_to_universal requires.
     """
     from deepspeed.checkpoint import constants as uc
     from opt_ds.parallel.pipe import tensor_parallel_dims

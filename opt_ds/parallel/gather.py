@@ -1,8 +1,9 @@
 """Gather the full, unsharded weights of a live pipeline model (for tests and small-model inspection).
 
 TP shards are merged along the dimension megatron-core recorded on each parameter (`partition_dim`),
-honouring its `partition_stride` (LLaMA's fused gate/up: every shard is [gate_shard; up_shard]); the stages' pieces are then collected on every rank with an object all-gather, so this
-is meant for models that fit in one process's memory.
+honouring its `partition_stride` (LLaMA's fused gate/up: every shard is [gate_shard; up_shard]); the
+stages' pieces are then collected on every rank with an object all-gather, so this is meant for models
+that fit in one process's memory.
 """
 from __future__ import annotations
 
