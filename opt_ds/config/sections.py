@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from opt_ds.errors import UserError
-from opt_ds.models.family import ModelFamily, family_named, family_of_preset, get_preset
+from opt_ds.models.family import (DECODER_PARTITION_METHOD, ModelFamily, family_named, family_of_preset,
+                                  get_preset)
 
 
 class ConfigError(UserError, ValueError):
@@ -55,13 +56,12 @@ class ModelConfig:
         if foreign:
             raise ConfigError(f"model.{foreign[0]} is not a setting of the {family.name} family; remove it "
                               f"(or set model.family / model.preset to a family that has it)")
+        missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if k not in overrides]
+        if self.preset is None and missing:
+            raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
         try:
             if self.preset is not None:
                 return get_preset(self.preset).shape.replace(**overrides)
-            missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
-                       if k not in overrides]
-            if missing:
-                raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
             return family.shape_type(**overrides)
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
@@ -74,7 +74,7 @@ class ParallelConfig:
     data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
     zero_stage: int = 1
     activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
-    partition_method: str = "type:DecoderLayer"     # DeepSpeed regex on layer class names: decoder layers
+    partition_method: str = DECODER_PARTITION_METHOD    # DeepSpeed regex on layer class names
 
 
 @dataclass

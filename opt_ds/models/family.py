@@ -23,6 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Dict
 
 
+# DeepSpeed matches `type:` against layer class names as a regex; every family's decoder layer class name ends in
+# DecoderLayer (OPTDecoderLayer, LlamaDecoderLayer), so this balances pipeline stages by decoder layers.
+DECODER_PARTITION_METHOD = "type:DecoderLayer"
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named model size with the hyper-parameters its paper trained it with (batch in tokens)."""

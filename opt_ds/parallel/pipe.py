@@ -12,10 +12,7 @@ from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from megatron.core import tensor_parallel
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
 
-from opt_ds.models.family import family_of
-
-# DeepSpeed matches `type:` against class names as a regex: this balances every family's decoder layers.
-DECODER_PARTITION_METHOD = "type:DecoderLayer"
+from opt_ds.models.family import DECODER_PARTITION_METHOD, family_of
 
 
 def final_layer_index(shape) -> int:
