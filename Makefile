@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-llama test clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: setup
 	bash launchers/demo.sh
+
+demo-llama: setup
+	DEMO_CONFIG=ds_configs/demo-llama.yaml DEMO_RUN_DIR=runs/demo-llama bash launchers/demo.sh
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

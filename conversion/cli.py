@@ -1,10 +1,12 @@
-"""Convert OPT checkpoints between metaseq, opt_ds (DeepSpeed pipeline, any TP/PP), Hugging Face and
+"""Convert OPT and LLaMA checkpoints between metaseq (OPT), Meta's consolidated.NN.pth (LLaMA), opt_ds
+(DeepSpeed pipeline, any TP/PP), Hugging Face and
 DeepSpeed universal checkpoints, and prove each conversion by comparing logits.
 
 examples:
   opt-ds convert facebook-opt-125m/ ckpt/ --to opt_ds --tp 2 --pp 2
   opt-ds convert 125m/reshard-model_part-0.pt hf-125m/ --to hf
   opt-ds convert ckpt/ released/ --to metaseq --tp 2 --dtype fp16
+  opt-ds convert llama-2-13b/ ckpt/ --to opt_ds --tp 2 --pp 4      # Meta's params.json + consolidated.NN.pth
   opt-ds convert run/checkpoints/ run/universal/ --to universal      # keeps the optimizer state
 """
 from __future__ import annotations
@@ -21,13 +23,13 @@ HELP = "convert checkpoints: metaseq, Hugging Face, opt_ds at any TP/PP, univers
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("source", help="checkpoint to read: a directory (HF, opt_ds, universal, metaseq) or a "
+    parser.add_argument("source", help="checkpoint to read: a directory (HF, Meta, opt_ds, universal, metaseq) or a "
                                        "metaseq .pt file (for MP parts, any one part)")
     parser.add_argument("destination", help="directory to write; must be new or empty (see --force)")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
     parser.add_argument("--from", dest="src_format", choices=FORMATS, help="source format (default: detected)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of an opt_ds target, or number "
-                                                           "of metaseq MP parts (default 1)")
+                                                           "of metaseq / Meta MP parts (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline stages of an opt_ds target (default 1)")
     parser.add_argument("--tag", default="global_step0", help="tag of an opt_ds target (default global_step0)")
     parser.add_argument("--src-tag", help="tag to read from an opt_ds source (default: the one `latest` names)")

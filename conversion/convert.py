@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from conversion import hf, metaseq, opt_ds_format, universal
+from conversion import hf, meta, metaseq, opt_ds_format, universal
 from conversion.canonical import Checkpoint, describe_shape, expected_shapes
 from conversion.files import ConversionError, check_writable_destination, staged_directory
 from conversion.formats import DTYPE_NAMES, FORMATS
@@ -32,6 +32,8 @@ def detect_format(path) -> str:
     names = {p.name for p in path.iterdir()}
     if "config.json" in names:
         found.append("hf")
+    if meta.PARAMS in names and any(meta.SHARD_FILE.match(n) for n in names):
+        found.append("meta")
     if universal.LATEST in names:
         found.append("universal")
     if "latest" in names or any(opt_ds_format.LAYER_FILE.match(n) for n in names) or \
@@ -52,6 +54,8 @@ def detect_format(path) -> str:
 def open_checkpoint(path, fmt: str, *, tag: Optional[str] = None, num_heads: Optional[int] = None) -> Checkpoint:
     if fmt == "hf":
         return hf.read(path)
+    if fmt == "meta":
+        return meta.read(path)
     if fmt == "metaseq":
         return metaseq.read(path, num_heads)
     if fmt == "opt_ds":
@@ -92,8 +96,8 @@ def check_options(fmt: str, o: Options) -> None:
         raise ConversionError(f"--dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     if o.to in ("hf", "universal") and (o.tp, o.pp) != (1, 1):
         raise ConversionError(f"--tp/--pp do not apply to {o.to} checkpoints, which are not split; drop them")
-    if o.to == "metaseq" and o.pp != 1:
-        raise ConversionError("metaseq checkpoints have no pipeline stages; drop --pp (--tp sets the MP parts)")
+    if o.to in ("metaseq", "meta") and o.pp != 1:
+        raise ConversionError(f"{o.to} checkpoints have no pipeline stages; drop --pp (--tp sets the MP parts)")
     if o.to == "universal":
         if fmt != "opt_ds":
             raise ConversionError("--to universal converts an opt_ds training checkpoint (weights + ZeRO optimizer "
@@ -108,6 +112,8 @@ def mapping_lines(ckpt: Checkpoint, o: Options) -> list:
         targets = opt_ds_format.target_locations(shape, o.tp)
     elif o.to == "metaseq":
         targets = metaseq.target_locations(shape, o.tp, o.metaseq_layout)
+    elif o.to == "meta":
+        targets = meta.target_locations(shape, o.tp)
     elif o.to == "hf":
         targets = hf.target_locations(shape)
     else:
@@ -122,6 +128,8 @@ def write_target(ckpt: Checkpoint, src, staging: Path, o: Options) -> None:
         opt_ds_format.write(ckpt, staging, tp=o.tp, pp=o.pp, tag=o.tag)
     elif o.to == "metaseq":
         metaseq.write(ckpt, staging, parts=o.tp, layout=o.metaseq_layout)
+    elif o.to == "meta":
+        meta.write(ckpt, staging, parts=o.tp)
     elif o.to == "hf":
         hf.write(ckpt, staging, max_shard_bytes=o.max_shard_bytes)
     else:
@@ -133,6 +141,8 @@ def check_target_layout(ckpt: Checkpoint, o: Options) -> None:
         opt_ds_format.check_layout(ckpt.shape, o.tp, o.pp)
     elif o.to == "metaseq":
         metaseq.check_parts(ckpt.shape, o.tp)
+    elif o.to == "meta":
+        meta.check_parts(ckpt.shape, o.tp)
 
 
 def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:

@@ -12,7 +12,7 @@ from opt_ds.bench.cases import parse_case
 from opt_ds.bench.memory import REDUCE_BUCKET_ELEMENTS, stage_memory
 from opt_ds.bench.project import ProjectionInputs
 from opt_ds.config import load_config
-from opt_ds.models.shape import from_opt
+from opt_ds.models.shape import as_decoder_shape
 
 WORKER = REPO / "tests" / "workers" / "memory_run.py"
 ROW = re.compile(r"^\s+1\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(on|off)\s+([01])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
@@ -102,7 +102,7 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("spec", ["tiny", "tiny-3d:dp=1"])
 def test_memory_model_is_within_10_percent_of_measured_on_cpu(measured, spec):
     case = parse_case(spec)
-    inputs = ProjectionInputs(shape=from_opt(case.shape), gpus=case.world_size, tensor=case.tensor,
+    inputs = ProjectionInputs(shape=as_decoder_shape(case.shape), gpus=case.world_size, tensor=case.tensor,
                               pipeline=case.pipeline, micro_batch=case.micro_batch, global_batch=case.global_batch,
                               seq=case.seq, recompute="none", dropout=case.shape.dropout > 0, precision="fp32",
                               zero_stage=1)

@@ -12,7 +12,7 @@ from opt_ds.bench.project import (ProjectionError, ProjectionInputs, assumptions
                                   layer_compute_seconds, memory_bound_bytes, project, sensitivity, stage_layers)
 from opt_ds.bench.published import RUNS, comparison_rows, format_comparison
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, from_opt
+from opt_ds.models.shape import DecoderShape, as_decoder_shape
 
 BASE = ProjectionInputs()           # opt_ds running OPT-175B on 992 A100-80GB, TP 8 × PP 4 × DP 31
 
@@ -40,7 +40,7 @@ def test_the_runs_share_every_hardware_figure():
 
 def test_the_gemm_efficiency_is_the_one_fitted_on_a_one_gpu_measurement():
     # A compiled OPT-1.3B step on one H100 measured 537 model TFLOP/s (b=8, s=2048, bf16, no communication).
-    one_gpu = ProjectionInputs(shape=from_opt(get_preset("opt-1.3b").shape), gpus=1, tensor=1, pipeline=1,
+    one_gpu = ProjectionInputs(shape=as_decoder_shape(get_preset("opt-1.3b").shape), gpus=1, tensor=1, pipeline=1,
                                micro_batch=8, global_batch=8, recompute="none", dropout=False, zero_stage=0,
                                hardware=HARDWARE["h100-80gb"])
     assert project(one_gpu).model_tflops == pytest.approx(537, rel=0.03)
@@ -127,7 +127,7 @@ def test_a_general_shape_counts_like_opt_where_they_agree():
     for name in ("opt-125m", "opt-350m", "opt-175b"):
         from opt_ds.models.presets import analytic_parameter_count
         shape = get_preset(name).shape
-        assert from_opt(shape).parameter_count() == analytic_parameter_count(shape)
+        assert as_decoder_shape(shape).parameter_count() == analytic_parameter_count(shape)
     llama = DecoderShape.parse("layers=80,hidden=8192,heads=64,ffn=22016,gated=1,vocab=32000,tied=0,bias=0,rmsnorm=1")
     assert llama.parameter_count() == pytest.approx(65.2e9, rel=0.01)     # the LLaMA paper's 65.2B
     assert DecoderShape.parse(llama.spec()) == llama

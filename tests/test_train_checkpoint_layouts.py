@@ -57,3 +57,10 @@ def test_checkpoint_of_another_model_is_refused(saved):
                   nproc=4, check=False, timeout=120)
     assert proc.returncode != 0
     assert "holds another model (num_layers: checkpoint 4, config 2)" in proc.stdout
+
+
+def test_opt_checkpoint_into_a_llama_config_is_refused(saved):
+    proc = opt_ds("train", "-", *ARGS, *TP2PP2, "model.family=llama", f"train.load_dir={saved / 'ckpt'}",
+                  nproc=4, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "holds a opt model and this config builds a llama model; set model.family=opt" in proc.stdout

@@ -30,7 +30,7 @@ from opt_ds.bench.memory import PRECISION_BYTES, estimate_memory, stage_layers, 
 from opt_ds.errors import UserError
 from opt_ds.models.flops import all_conventions
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, from_opt
+from opt_ds.models.shape import DecoderShape, as_decoder_shape
 
 RECOMPUTE = ("full", "selective", "none")
 ATTENTION = ("flash", "unfused")
@@ -49,7 +49,7 @@ OVERLAP_SLOWDOWN = 0.1
 
 @dataclass(frozen=True)
 class ProjectionInputs:
-    shape: DecoderShape = from_opt(get_preset("opt-175b").shape)
+    shape: DecoderShape = as_decoder_shape(get_preset("opt-175b").shape)
     model_name: str = "OPT-175B"
     seq: int = 2048
     gpus: int = 992

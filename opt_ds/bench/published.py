@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from opt_ds.bench.hardware import HARDWARE, hardware_key
 from opt_ds.bench.project import Projection, ProjectionInputs, project
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, from_opt
+from opt_ds.models.shape import DecoderShape, as_decoder_shape
 
 # The convention a published figure uses: a key of opt_ds.models.flops.all_conventions, or tokens.
 TOKENS = "tokens"
@@ -47,7 +47,7 @@ SHAPES = {"bloom-176b": BLOOM_176B, "gpt3-175b": GPT3_175B, "llama-65b": LLAMA_6
 RUNS = {r.name: r for r in [
     PublishedRun(
         "opt-175b",
-        ProjectionInputs(shape=from_opt(get_preset("opt-175b").shape), model_name="OPT-175B", gpus=992, tensor=8,
+        ProjectionInputs(shape=as_decoder_shape(get_preset("opt-175b").shape), model_name="OPT-175B", gpus=992, tensor=8,
                          pipeline=1, micro_batch=8, global_batch=992, recompute="full", attention="unfused",
                          dropout=True, precision="fp16", zero_stage=3, hardware=HARDWARE["a100-80gb"]),
         147.0, "hardware",

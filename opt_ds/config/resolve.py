@@ -8,14 +8,14 @@ from typing import Optional
 from opt_ds.config.deepspeed_json import deepspeed_config, merge_deepspeed_json
 from opt_ds.config.ranges import check_ranges
 from opt_ds.config.sections import ConfigError, RunConfig
-from opt_ds.models.presets import OPTShape
+from opt_ds.models.family import family_of
 
 
 @dataclass(frozen=True)
 class ResolvedConfig:
     """A validated RunConfig plus everything derived from it once."""
     run: RunConfig
-    shape: OPTShape
+    shape: object                   # the model family's shape dataclass
     tensor: int
     pipeline: int
     data: int
@@ -43,8 +43,10 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
         raise ConfigError(f"model.num_heads {shape.num_heads} is not divisible by parallel.tensor {tp}; "
                           f"choose a tensor-parallel degree that divides the heads "
                           f"({', '.join(str(d) for d in range(1, shape.num_heads + 1) if shape.num_heads % d == 0)})")
-    if shape.ffn_hidden_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size {shape.ffn_hidden_size} is not divisible by parallel.tensor {tp}")
+    for field, value in family_of(shape).tensor_parallel_divisors(shape).items():
+        if field not in ("num_heads", "vocab_size") and value % tp:
+            raise ConfigError(f"model.{field} {value} is not divisible by parallel.tensor {tp}; choose a "
+                              f"tensor-parallel degree that divides it")
     if shape.vocab_size % tp:
         raise ConfigError(f"model.vocab_size {shape.vocab_size} is not divisible by parallel.tensor {tp}; "
                           f"pad the vocabulary to a multiple of {tp} (OPT's 50272 divides 1, 2, 4, 8, 16, 32)")

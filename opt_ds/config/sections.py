@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from opt_ds.errors import UserError
-from opt_ds.models.presets import OPTShape, get_preset
+from opt_ds.models.family import (DECODER_PARTITION_METHOD, ModelFamily, family_named, family_of_preset,
+                                  get_preset)
 
 
 class ConfigError(UserError, ValueError):
@@ -17,31 +18,54 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None                # an OPT shape: opt-125m ... opt-175b; the fields below override it
+    preset: Optional[str] = None                # a named shape: opt-125m ... opt-175b, llama-7b ... llama2-70b; the fields below override it
+    family: Optional[str] = None                # opt | llama; implied by the preset, else opt
     num_layers: Optional[int] = None            # decoder layers
     hidden_size: Optional[int] = None           # model width h
     num_heads: Optional[int] = None             # attention heads; divisible by parallel.tensor
-    ffn_hidden_size: Optional[int] = None       # inner width of the MLP (OPT: 4h)
-    vocab_size: Optional[int] = None            # embedding rows (OPT: 50272 = 50265 padded)
-    max_position_embeddings: Optional[int] = None# learned positions (OPT: 2048); at least batch.seq_length
-    word_embed_proj_dim: Optional[int] = None   # embedding width if not hidden_size (opt-350m: 512)
-    pre_layer_norm: Optional[bool] = None       # LayerNorm before attention/MLP (true for every OPT but opt-350m)
+    ffn_hidden_size: Optional[int] = None       # inner width of the MLP (OPT: 4h; LLaMA: SwiGLU width)
+    vocab_size: Optional[int] = None            # embedding rows (OPT: 50272 = 50265 padded; LLaMA: 32000)
+    max_position_embeddings: Optional[int] = None# longest sequence (OPT: learned positions, 2048); at least batch.seq_length
+    word_embed_proj_dim: Optional[int] = None   # opt: embedding width if not hidden_size (opt-350m: 512)
+    pre_layer_norm: Optional[bool] = None       # opt: LayerNorm before attention/MLP (true for every OPT but opt-350m)
     dropout: Optional[float] = None             # dropout on residual branches (OPT: 0.1; none on embeddings)
     attention_dropout: Optional[float] = None   # dropout on attention probabilities
-    init_std: Optional[float] = None            # std of the initial weights (OPT: 0.006)
+    init_std: Optional[float] = None            # std of the initial weights (OPT: 0.006; LLaMA: 0.02)
+    num_kv_heads: Optional[int] = None          # llama: grouped-query attention (default: num_heads)
+    rope_theta: Optional[float] = None          # llama: rotary base (10000; Llama 3: 500000)
+    rms_norm_eps: Optional[float] = None        # llama: 1e-6 (Llama 2: 1e-5)
 
-    def shape(self) -> OPTShape:
+    def model_family(self) -> ModelFamily:
+        try:
+            implied = family_of_preset(self.preset) if self.preset is not None else None
+        except ValueError as err:
+            raise ConfigError(f"model.preset: {err}") from None
+        try:
+            named = family_named(self.family) if self.family is not None else None
+        except ValueError as err:
+            raise ConfigError(f"model.family: {err}") from None
+        if implied and named and implied is not named:
+            raise ConfigError(f"model.family {self.family} disagrees with model.preset {self.preset} "
+                              f"(a {implied.name} model); drop model.family or pick a {self.family} preset")
+        return implied or named or family_named("opt")
+
+    def shape(self):
+        family = self.model_family()
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                     if f.name != "preset" and getattr(self, f.name) is not None}
-        if self.preset is not None:
-            try:
-                return get_preset(self.preset).shape.replace(**overrides)
-            except ValueError as err:
-                raise ConfigError(f"model.preset: {err}") from None
+                     if f.name not in ("preset", "family") and getattr(self, f.name) is not None}
+        foreign = sorted(set(overrides) - family.shape_fields())
+        if foreign:
+            raise ConfigError(f"model.{foreign[0]} is not a setting of the {family.name} family; remove it "
+                              f"(or set model.family / model.preset to a family that has it)")
         missing = [k for k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size") if k not in overrides]
-        if missing:
+        if self.preset is None and missing:
             raise ConfigError(f"model: set model.preset (e.g. opt-125m) or all of {', '.join(missing)}")
-        return OPTShape(**overrides)
+        try:
+            if self.preset is not None:
+                return get_preset(self.preset).shape.replace(**overrides)
+            return family.shape_type(**overrides)
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
 
 
 @dataclass
@@ -51,7 +75,7 @@ class ParallelConfig:
     data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
     zero_stage: int = 1                         # ZeRO stage over the data-parallel replicas: 0 or 1
     activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
-    partition_method: str = "type:OPTDecoderLayer"  # how DeepSpeed balances stages
+    partition_method: str = DECODER_PARTITION_METHOD    # how DeepSpeed balances stages (regex on layer class names)
 
 
 @dataclass
@@ -96,7 +120,7 @@ class DataConfig:
     synthetic: str = "random"                   # random | arithmetic (learnable), used when train is empty
     split: str = "98,2,0"                       # train,valid,test per mille of each corpus
     cache_dir: Optional[str] = None             # where megatron's dataset index caches go (default: beside the corpus)
-    tokenizer: Optional[str] = None             # "opt" or a folder with vocab.json + merges.txt (for samples)
+    tokenizer: Optional[str] = None             # "opt", a tokenizer.json, or a folder with vocab.json + merges.txt
 
 
 @dataclass

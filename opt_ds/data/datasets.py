@@ -25,7 +25,7 @@ import torch
 from opt_ds.data.files import DatasetFiles
 from opt_ds.data.integrity import check_pair, max_token_id
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
-from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, TokenizerError, tokenizer_files
+from opt_ds.data.tokenizer import EOS_ID, PAD_ID, TokenizerError, open_tokenizer_dir
 from opt_ds.errors import UserError
 
 _SPLIT = re.compile(r"^\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*$")
@@ -79,9 +79,9 @@ def corpus_stats(prefix: str | os.PathLike) -> CorpusStats:
     return CorpusStats(len(indexed), int(np.sum(indexed.sequence_lengths, dtype=np.int64)))
 
 
-def dataset_tokenizer(prefix: str | os.PathLike) -> BPETokenizer:
+def dataset_tokenizer(prefix: str | os.PathLike):
     """The tokenizer `opt-ds preprocess` saved beside the dataset at `prefix` (to decode its samples)."""
-    return BPETokenizer(*tokenizer_files(DatasetFiles.of(prefix).tokenizer))
+    return open_tokenizer_dir(DatasetFiles.of(prefix).tokenizer)
 
 
 def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq_length: int, seed: int,
@@ -212,7 +212,7 @@ def _check_tokenizers(prefixes: list[str], vocab_size: int | None) -> int:
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(f"{prefix} was tokenized with a vocabulary of {tokenizer.vocab_size} entries, more than "
                             f"vocab_size={vocab_size}; raise the model's vocabulary size")
-        digest = hashlib.sha256(tokenizer.vocab_file.read_bytes() + tokenizer.merges_file.read_bytes()).hexdigest()
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in tokenizer.files.values())).hexdigest()
         seen.setdefault(digest, prefix)
     if len(seen) > 1:
         raise DataError(f"the blend mixes tokenizers ({', '.join(seen.values())} differ): their token ids mean "

@@ -2,7 +2,7 @@
 FLOPs conventions, the throughput projection and the layout planner.
 
 `DecoderShape.parse("layers=80,hidden=8192,heads=64,ffn=22016,gated=1,vocab=32000,tied=0")` or
-`from_opt(OPTShape)`; `SHAPE_KEYS` lists the keys. The training code builds models from its family's own
+`as_decoder_shape(a family's shape)`; `SHAPE_KEYS` lists the keys. The training code builds models from its family's own
 shape (e.g. OPTShape); this one only describes the work and the tensors.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opt_ds.errors import UserError
-from opt_ds.models.presets import POSITION_OFFSET, OPTShape
+from opt_ds.models.opt.shape import POSITION_OFFSET, OPTShape
 
 
 @dataclass(frozen=True)
@@ -158,24 +158,19 @@ def _parse_value(key: str, name: str, raw: str):
     return value
 
 
-def from_opt(shape: OPTShape) -> DecoderShape:
-    """The general description of an OPT shape (LayerNorm, biases, learned positions, tied head)."""
-    return DecoderShape(
-        num_layers=shape.num_layers, hidden_size=shape.hidden_size, num_heads=shape.num_heads,
-        ffn_hidden_size=shape.ffn_hidden_size, vocab_size=shape.vocab_size,
-        relu=True, position_rows=shape.max_position_embeddings + POSITION_OFFSET,
-        embed_dim=shape.word_embed_proj_dim, final_norm=shape.has_final_layer_norm)
-
-
 def as_decoder_shape(shape) -> DecoderShape:
-    return shape if isinstance(shape, DecoderShape) else from_opt(shape)
+    """A family's shape (OPTShape, LlamaShape, ...) in general terms; a DecoderShape as it is."""
+    if isinstance(shape, DecoderShape):
+        return shape
+    from opt_ds.models.family import family_of
+    return family_of(shape).decoder_shape(shape)
 
 
 def to_opt(shape: DecoderShape) -> Optional[OPTShape]:
-    """The OPTShape that `from_opt` maps to `shape`, or None when the shape is not an OPT shape."""
+    """The OPTShape that `as_decoder_shape` maps to `shape`, or None when the shape is not an OPT shape."""
     if shape.position_rows <= POSITION_OFFSET:
         return None
     opt = OPTShape(shape.num_layers, shape.hidden_size, shape.num_heads, shape.ffn_hidden_size, shape.vocab_size,
                    max_position_embeddings=shape.position_rows - POSITION_OFFSET, word_embed_proj_dim=shape.embed_dim,
                    pre_layer_norm=shape.final_norm)
-    return opt if from_opt(opt) == shape else None
+    return opt if as_decoder_shape(opt) == shape else None

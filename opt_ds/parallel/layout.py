@@ -92,6 +92,11 @@ class ParallelLayout:
                     f"rank {rank}: megatron-core's {axis} group {megatron_ranks} differs from DeepSpeed's "
                     f"{deepspeed_ranks}; the two libraries disagree on rank order for {self}")
 
+    def tensor_group(self):
+        """This rank's tensor-parallel process group, handed to the model's TP layers. `initialize()` first."""
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_group()
+
     def megatron_config(self, params_dtype=torch.float32):
         """megatron-core's ModelParallelConfig for the TP layers of this layout.
 

@@ -318,13 +318,17 @@ def describe(directory: Path, tag: Optional[str] = None) -> ResumePoint:
 
 def check_compatible(point: ResumePoint, shape, layout) -> None:
     """The checkpoint must hold this model, and a full checkpoint this layout (ZeRO partitions do not move)."""
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.models.family import family_of
+    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
     stored = point.saved.get(MODEL_SHAPE_KEY)
     if stored is not None:
+        stored_family, family = point.saved.get(MODEL_FAMILY_KEY, "opt"), family_of(shape).name
+        if stored_family != family:
+            raise CheckpointError(f"{point.folder} holds a {stored_family} model and this config builds a {family} "
+                                  f"model; set model.family={stored_family} (or its preset) to load it")
         wanted = dataclasses.asdict(shape)
         differs = [f"{k}: checkpoint {stored.get(k)!r}, config {v!r}" for k, v in wanted.items()
-                   if k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
-                            "max_position_embeddings", "word_embed_proj_dim", "pre_layer_norm")
+                   if k not in ("dropout", "attention_dropout", "init_std", "layer_norm_eps")
                    and stored.get(k) != v]
         if differs:
             raise CheckpointError(f"{point.folder} holds another model ({'; '.join(differs)}); use the model config "

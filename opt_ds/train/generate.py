@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from opt_ds.data.tokenizer import EOS_ID, PAD_ID
 from opt_ds.errors import UserError
-from opt_ds.models.presets import EOS_ID, PAD_ID
 
 
 class GenerationError(UserError):
@@ -56,8 +56,10 @@ def _last_stage_source(engine) -> int:
 
 
 def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, micro_batch: int,
-             top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list:
-    """Collective over all ranks; returns prompt + generated ids on every rank."""
+             top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> list:
+    """Collective over all ranks; returns prompt + generated ids on every rank (special ids: the tokenizer's,
+    OPT's by default)."""
     tokens = list(prompt_ids)
     if not tokens or len(tokens) >= seq_length:
         raise ValueError(f"prompt must hold 1..{seq_length - 1} tokens, got {len(tokens)}")
@@ -67,7 +69,7 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
     for _ in range(max_new_tokens):
         if len(tokens) >= seq_length:
             break
-        batch = torch.full((micro_batch, seq_length), PAD_ID, dtype=torch.long)
+        batch = torch.full((micro_batch, seq_length), pad_id, dtype=torch.long)
         batch[:, :len(tokens)] = torch.tensor(tokens)
         dummy_labels = (torch.zeros_like(batch), torch.zeros(batch.shape))
         engine.total_loss = None    # eval_batch adds outputs onto the last training step's loss otherwise
@@ -80,15 +82,16 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
         dist.broadcast(choice, src=source)
         token = int(choice.item())
         tokens.append(token)
-        if stop_at_eos and token == EOS_ID:
+        if stop_at_eos and token == eos_id:
             break
     return tokens
 
 
 def sample_text(engine, tokenizer, prompt: str, *, seq_length: int, micro_batch: int, max_new_tokens: int,
                 top_p: float, temperature: float, seed: int) -> str:
-    """Continue `prompt` (OPT prepends </s> as BOS) and return the decoded continuation."""
+    """Continue `prompt` (after the tokenizer's BOS; OPT's is </s>) and return the decoded continuation."""
     ids = prompt_ids(tokenizer, prompt, seq_length=seq_length, max_new_tokens=max_new_tokens)
     out = generate(engine, ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
-                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed)
+                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     return tokenizer.decode(out[len(ids):])

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a train.save_dir (uses its 'latest') or a global_step* folder")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--tokenizer", help="'opt' or a folder with vocab.json + merges.txt "
+    parser.add_argument("--tokenizer", help="'opt', a tokenizer.json, or a folder with vocab.json + merges.txt "
                                             "(default: the one the run was configured with)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass; 0 = greedy")
@@ -33,7 +33,7 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     """The run config a checkpoint was trained with; for a weights-only checkpoint written by
     `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
     from opt_ds.train import checkpoint
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
                                          "optimizer can load; generate from the training checkpoint it was made from")
@@ -44,8 +44,10 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
         raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
                                          "written by `opt-ds train` or `opt-ds convert`")
     tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
-    keys = {f.name for f in dataclasses.fields(ModelConfig)}     # layer_norm_eps is fixed, not a config key
-    return {"model": {k: v for k, v in shape.items() if k in keys}, "parallel": {"tensor": tensor},
+    settable = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = {k: v for k, v in shape.items() if k in settable and v is not None}
+    model["family"] = point.saved.get(MODEL_FAMILY_KEY, "opt")
+    return {"model": model, "parallel": {"tensor": tensor},
             "batch": {"seq_length": min(2048, shape["max_position_embeddings"])}}
 
 
@@ -117,7 +119,7 @@ def find_tokenizer(cfg, directory: Path):
     folder and its parents (runs/demo/data/x.tokenizer is found as data/x.tokenizer beside a moved
     runs/demo/checkpoints)."""
     from opt_ds.data.files import DatasetFiles
-    from opt_ds.data.tokenizer import BPETokenizer, TokenizerError
+    from opt_ds.data.tokenizer import TokenizerError, load_tokenizer
     from opt_ds.train.loop import run_tokenizer
     try:
         return run_tokenizer(cfg)
@@ -130,7 +132,7 @@ def find_tokenizer(cfg, directory: Path):
                 candidate = base.joinpath(*parts[start:])
                 if candidate.is_dir():
                     try:
-                        return BPETokenizer.load(candidate)
+                        return load_tokenizer(candidate)
                     except TokenizerError:
                         continue
         raise TokenizerError(f"{err}; the run's tokenizer was not found near {directory} either: pass "
@@ -142,14 +144,14 @@ def run(args) -> int:
     from opt_ds.train import checkpoint
     import torch.distributed as dist
 
-    from opt_ds.data.tokenizer import BPETokenizer
+    from opt_ds.data.tokenizer import load_tokenizer
     from opt_ds.train.engine import build_engine
     from opt_ds.train.generate import prompt_ids, sample_text
 
     check_sampling(args)
     point = locate(Path(args.checkpoint))
     cfg = inference_config(saved_run_config(point), int(os.environ.get("WORLD_SIZE", "1")))
-    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else find_tokenizer(cfg, point.directory)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else find_tokenizer(cfg, point.directory)
     prompt_ids(tokenizer, args.prompt, seq_length=cfg.run.batch.seq_length, max_new_tokens=args.max_new_tokens)
     engine = build_engine(cfg, for_training=False)
     checkpoint.load(engine, dataclasses.replace(point, kind="weights"))

@@ -84,14 +84,14 @@ def build_datasets(cfg: ResolvedConfig):
 
 def run_tokenizer(cfg: ResolvedConfig):
     """data.tokenizer if set, else the tokenizer saved beside the first corpus, else OPT's."""
-    from opt_ds.data.tokenizer import BPETokenizer
+    from opt_ds.data.tokenizer import load_tokenizer
     data = cfg.run.data
     if data.tokenizer:
-        return BPETokenizer.load(data.tokenizer)
+        return load_tokenizer(data.tokenizer)
     if data.train:
         from opt_ds.data.datasets import dataset_tokenizer
         return dataset_tokenizer(data.train[0].path)
-    return BPETokenizer.load("opt")
+    return load_tokenizer("opt")
 
 
 def peak_memory_gib() -> float:
