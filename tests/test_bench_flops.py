@@ -87,7 +87,7 @@ def test_llama_swiglu_gqa_untied_head_by_hand(name):
     model = l * (6 * layer + 12 * S * h) + 6 * v * h        # + the untied V x h head
     count = model_flops(shape, 1, S)
     assert per_token(count) == pytest.approx(model, rel=1e-12)
-    assert "SwiGLU" in count.worked and "untied head" in count.worked
+    assert "gated" in count.worked and "exact per-term sum" in count.worked
     assert per_token(hardware_flops(shape, 1, S, l)) == pytest.approx(model + l * (2 * layer + 4 * S * h), rel=1e-12)
     # 6N leaves out the token embedding (a lookup) but keeps the untied head; norms are counted in N.
     n = l * (layer + 2 * h) + h + v * h

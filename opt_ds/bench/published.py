@@ -39,8 +39,7 @@ BLOOM_176B = DecoderShape(num_layers=70, hidden_size=14336, num_heads=112, ffn_h
                           vocab_size=250880, embedding_norm=True)
 GPT3_175B = DecoderShape(num_layers=96, hidden_size=12288, num_heads=96, ffn_hidden_size=4 * 12288,
                          vocab_size=51200, position_rows=2048)
-LLAMA_65B = DecoderShape(num_layers=80, hidden_size=8192, num_heads=64, ffn_hidden_size=22016, vocab_size=32000,
-                         gated_mlp=True, tied_head=False, bias=False, rms_norm=True)
+LLAMA_65B = as_decoder_shape(get_preset("llama-65b").shape)
 
 SHAPES = {"bloom-176b": BLOOM_176B, "gpt3-175b": GPT3_175B, "llama-65b": LLAMA_65B}
 

@@ -111,6 +111,10 @@ RANGES = {
         "dropout": fraction("a probability; OPT trains with model.dropout=0.1", high_open=True),
         "attention_dropout": fraction("a probability; OPT trains with model.attention_dropout=0.0", high_open=True),
         "init_std": positive("the standard deviation of the initial weights; OPT uses model.init_std=0.006"),
+        "num_kv_heads": at_least(1, "llama: the key/value heads of grouped-query attention, dividing model.num_heads "
+                                    "(Llama 2 70B: 8), or null for one per head"),
+        "rope_theta": positive("llama: the rotary base, e.g. model.rope_theta=10000 (Llama 3: 500000)"),
+        "rms_norm_eps": positive("llama: RMSNorm's epsilon, e.g. model.rms_norm_eps=1e-6"),
     },
     ParallelConfig: {
         "tensor": at_least(1, "the tensor-parallel degree; 1 turns tensor parallelism off"),
