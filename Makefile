@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo demo-llama test clean
 
 setup: $(STAMP)
 
@@ -15,11 +15,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench,wandb]"
 	touch $(STAMP)
 
 demo: setup
 	bash launchers/demo.sh
+
+demo-llama: setup
+	DEMO_CONFIG=ds_configs/demo-llama.yaml DEMO_RUN_DIR=runs/demo-llama bash launchers/demo.sh
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

@@ -1,8 +1,9 @@
 """The one in-memory form every format converts to and from.
 
-A `Checkpoint` is the full (unsharded) model: an `OPTShape` plus tensors named as in Hugging Face's
-`OPTForCausalLM` (`model.decoder.*`, no `lm_head`: the head is tied to `embed_tokens`), on the CPU, with
-the embedding at its true vocabulary size (TP padding removed). Readers build one from files; writers
+A `Checkpoint` is the full (unsharded) model: a model family's shape plus tensors named as in Hugging
+Face's model of that family (OPT: `OPTForCausalLM`'s `model.decoder.*`, no `lm_head`: the head is tied to
+`embed_tokens`; LLaMA: `LlamaForCausalLM`, see conversion.llama), on the CPU, with the vocabulary at its
+true size (TP padding removed). Readers build one from files; writers
 take one. Tensors are produced lazily, one decoder layer at a time, so converting a large model needs
 about one layer of memory beyond what the formats force (a metaseq MP part is one pickle).
 """
@@ -16,6 +17,7 @@ import torch
 
 from opt_ds.models.presets import POSITION_OFFSET, OPTShape
 
+from conversion.families import names_of
 from conversion.files import ConversionError
 
 PREFIX = "model.decoder."
@@ -32,11 +34,25 @@ LAYER_NAMES = tuple(
     + [f"{n}.{w}" for n in ("self_attn_layer_norm", "fc1", "fc2", "final_layer_norm") for w in ("weight", "bias")])
 
 
-def layer_key(layer: int, name: str) -> str:
-    return f"{PREFIX}layers.{layer}.{name}"
+def layer_key(layer: int, name: str, shape=None) -> str:
+    """Canonical key of tensor `name` of decoder layer `layer` (OPT's naming unless a shape says otherwise)."""
+    prefix = names_of(shape).layer_prefix if shape is not None else PREFIX + "layers."
+    return f"{prefix}{layer}.{name}"
 
 
-def layer_shapes(shape: OPTShape) -> Dict[str, tuple]:
+def layer_shapes(shape) -> Dict[str, tuple]:
+    return names_of(shape).layer_shapes(shape)
+
+
+def global_shapes(shape) -> Dict[str, tuple]:
+    return names_of(shape).global_shapes(shape)
+
+
+def describe_shape(shape) -> str:
+    return names_of(shape).describe(shape)
+
+
+def opt_layer_shapes(shape: OPTShape) -> Dict[str, tuple]:
     """Shapes of one decoder layer's tensors, by name inside the layer."""
     h, f = shape.hidden_size, shape.ffn_hidden_size
     shapes = {f"self_attn.{p}.weight": (h, h) for p in (*ATTENTION_INPUTS, "out_proj")}
@@ -47,7 +63,7 @@ def layer_shapes(shape: OPTShape) -> Dict[str, tuple]:
     return shapes
 
 
-def global_shapes(shape: OPTShape) -> Dict[str, tuple]:
+def opt_global_shapes(shape: OPTShape) -> Dict[str, tuple]:
     """Shapes of the tensors outside the decoder layers (embeddings, projections, final LayerNorm)."""
     h, e = shape.hidden_size, shape.embed_dim
     shapes = {EMBED_TOKENS: (shape.vocab_size, e),
@@ -61,15 +77,15 @@ def global_shapes(shape: OPTShape) -> Dict[str, tuple]:
     return shapes
 
 
-def expected_shapes(shape: OPTShape) -> Dict[str, tuple]:
+def expected_shapes(shape) -> Dict[str, tuple]:
     """Every canonical key of a model of this shape, with its tensor shape, in a stable order."""
     shapes = dict(global_shapes(shape))
     for layer in range(shape.num_layers):
-        shapes.update({layer_key(layer, n): s for n, s in layer_shapes(shape).items()})
+        shapes.update({layer_key(layer, n, shape): s for n, s in layer_shapes(shape).items()})
     return shapes
 
 
-def check_model_shape(shape: OPTShape) -> None:
+def check_model_shape(shape) -> None:
     if shape.hidden_size % shape.num_heads:
         raise ConversionError(f"hidden size {shape.hidden_size} is not divisible by {shape.num_heads} heads; "
                               "the head count recorded with the checkpoint is wrong")
@@ -84,7 +100,7 @@ class Checkpoint:
     from (file and key), and `source_shapes` to the shape the reader will produce; both are checked
     against `shape` when the checkpoint is opened, before anything is written.
     """
-    shape: OPTShape
+    shape: object                               # the family's shape dataclass
     origin: str
     read_globals: Callable[[], Dict[str, torch.Tensor]]
     read_layer: Callable[[int], Dict[str, torch.Tensor]]
@@ -101,12 +117,12 @@ class Checkpoint:
         return self._checked(self.read_globals(), global_shapes(self.shape), "")
 
     def layer(self, layer: int) -> Dict[str, torch.Tensor]:
-        return self._checked(self.read_layer(layer), layer_shapes(self.shape), layer_key(layer, ""))
+        return self._checked(self.read_layer(layer), layer_shapes(self.shape), layer_key(layer, "", self.shape))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         state = dict(self.globals())
         for layer in range(self.shape.num_layers):
-            state.update({layer_key(layer, n): t for n, t in self.layer(layer).items()})
+            state.update({layer_key(layer, n, self.shape): t for n, t in self.layer(layer).items()})
         return state
 
     def with_dtype(self, dtype: Optional[torch.dtype]) -> "Checkpoint":
@@ -130,7 +146,7 @@ class Checkpoint:
         return out
 
 
-def check_shapes(found: Dict[str, tuple], shape: OPTShape, origin: str) -> None:
+def check_shapes(found: Dict[str, tuple], shape, origin: str) -> None:
     """One error listing what does not fit: missing tensors, unexpected ones, wrong shapes."""
     expected = expected_shapes(shape)
     problems = []
@@ -156,7 +172,7 @@ def _some(items, limit: int = 4) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def describe_shape(shape: OPTShape) -> str:
+def opt_describe_shape(shape: OPTShape) -> str:
     text = (f"{shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads, "
             f"ffn {shape.ffn_hidden_size}, vocab {shape.vocab_size}, positions {shape.max_position_embeddings}")
     if shape.has_projections:

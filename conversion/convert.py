@@ -7,13 +7,13 @@ from typing import Callable, Optional
 
 import torch
 
-from conversion import hf, hf_tokenizer, metaseq, opt_ds_format, universal
+from conversion import hf, hf_tokenizer, meta, metaseq, opt_ds_format, universal
 from conversion.canonical import Checkpoint, describe_shape, expected_shapes
 from conversion.files import ConversionError, check_writable_destination, staged_directory
+from conversion.formats import DTYPE_NAMES, FORMATS
 from conversion.verify import verify
 
-FORMATS = ("hf", "metaseq", "opt_ds", "universal")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def detect_format(path) -> str:
@@ -32,6 +32,8 @@ def detect_format(path) -> str:
     names = {p.name for p in path.iterdir()}
     if "config.json" in names:
         found.append("hf")
+    if meta.PARAMS in names and any(meta.SHARD_FILE.match(n) for n in names):
+        found.append("meta")
     if universal.LATEST in names:
         found.append("universal")
     if "latest" in names or any(opt_ds_format.LAYER_FILE.match(n) for n in names) or \
@@ -52,6 +54,8 @@ def detect_format(path) -> str:
 def open_checkpoint(path, fmt: str, *, tag: Optional[str] = None, num_heads: Optional[int] = None) -> Checkpoint:
     if fmt == "hf":
         return hf.read(path)
+    if fmt == "meta":
+        return meta.read(path)
     if fmt == "metaseq":
         return metaseq.read(path, num_heads)
     if fmt == "opt_ds":
@@ -83,6 +87,12 @@ class Options:
 def check_options(fmt: str, o: Options) -> None:
     if o.to not in FORMATS:
         raise ConversionError(f"unknown target format {o.to!r}; choose one of {', '.join(FORMATS)}")
+    if o.tp < 1 or o.pp < 1:
+        raise ConversionError(f"--tp and --pp must be >= 1 (got {o.tp}, {o.pp})")
+    if o.num_heads is not None and o.num_heads < 1:
+        raise ConversionError(f"--num-heads {o.num_heads} must be >= 1: the attention heads per layer of the source")
+    if o.max_shard_bytes < 1:
+        raise ConversionError("--max-shard-size must be >= 1 (GiB per safetensors file), e.g. 5")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise ConversionError(f"--dtype {o.dtype!r}: choose one of {', '.join(DTYPES)}")
     if o.tokenizer is not None and o.to != "hf":
@@ -90,8 +100,8 @@ def check_options(fmt: str, o: Options) -> None:
                               "checkpoints hold weights only: drop it")
     if o.to in ("hf", "universal") and (o.tp, o.pp) != (1, 1):
         raise ConversionError(f"--tp/--pp do not apply to {o.to} checkpoints, which are not split; drop them")
-    if o.to == "metaseq" and o.pp != 1:
-        raise ConversionError("metaseq checkpoints have no pipeline stages; drop --pp (--tp sets the MP parts)")
+    if o.to in ("metaseq", "meta") and o.pp != 1:
+        raise ConversionError(f"{o.to} checkpoints have no pipeline stages; drop --pp (--tp sets the MP parts)")
     if o.to == "universal":
         if fmt != "opt_ds":
             raise ConversionError("--to universal converts an opt_ds training checkpoint (weights + ZeRO optimizer "
@@ -106,6 +116,8 @@ def mapping_lines(ckpt: Checkpoint, o: Options) -> list:
         targets = opt_ds_format.target_locations(shape, o.tp)
     elif o.to == "metaseq":
         targets = metaseq.target_locations(shape, o.tp, o.metaseq_layout)
+    elif o.to == "meta":
+        targets = meta.target_locations(shape, o.tp)
     elif o.to == "hf":
         targets = hf.target_locations(shape)
     else:
@@ -120,7 +132,7 @@ def export_tokenizer(source: Checkpoint, src: Path, fmt: str, o: Options, out) -
     if o.to != "hf":
         return None
     vocab = source.shape.vocab_size
-    found = hf_tokenizer.load_tokenizer(o.tokenizer, vocab) if o.tokenizer else \
+    found = hf_tokenizer.tokenizer_argument(o.tokenizer, vocab) if o.tokenizer else \
         hf_tokenizer.recorded_tokenizer(src, fmt, o.src_tag, vocab)
     if found is None:
         out(f"note: {src} records no tokenizer, so the export has none (AutoTokenizer cannot load it); pass "
@@ -135,6 +147,8 @@ def write_target(ckpt: Checkpoint, src, staging: Path, o: Options, tokenizer=Non
         opt_ds_format.write(ckpt, staging, tp=o.tp, pp=o.pp, tag=o.tag)
     elif o.to == "metaseq":
         metaseq.write(ckpt, staging, parts=o.tp, layout=o.metaseq_layout)
+    elif o.to == "meta":
+        meta.write(ckpt, staging, parts=o.tp)
     elif o.to == "hf":
         hf.write(ckpt, staging, max_shard_bytes=o.max_shard_bytes)
         if tokenizer is not None:
@@ -148,6 +162,8 @@ def check_target_layout(ckpt: Checkpoint, o: Options) -> None:
         opt_ds_format.check_layout(ckpt.shape, o.tp, o.pp)
     elif o.to == "metaseq":
         metaseq.check_parts(ckpt.shape, o.tp)
+    elif o.to == "meta":
+        meta.check_parts(ckpt.shape, o.tp)
 
 
 def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
@@ -158,6 +174,8 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
         raise ConversionError(f"the destination {dst} overlaps the source {src}; write to a separate directory")
     fmt = o.src_format or detect_format(src)
     check_options(fmt, o)
+    if fmt == "opt_ds":
+        opt_ds_format.check_manifest(src, o.src_tag)
     if not o.dry_run:
         check_writable_destination(dst, o.force)
     source = open_checkpoint(src, fmt, tag=o.src_tag, num_heads=o.num_heads)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import torch
 
+from opt_ds.data.atomic import follow_umask, staging_dir
+from opt_ds.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """A conversion that cannot run; the message names the problem and the fix."""
 
 
@@ -62,12 +65,13 @@ def staged_directory(dst: Path, force: bool):
     dst = Path(dst)
     check_writable_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    staging = staging_dir(dst, "partial-")     # not mkdtemp's 0700: colleagues must be able to read the result
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    follow_umask(staging)
     if dst.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.replace(dst, backup / dst.name)

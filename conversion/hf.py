@@ -1,4 +1,7 @@
-"""Hugging Face OPT directories: `config.json` + safetensors (single or sharded) or pytorch_model.bin.
+"""Hugging Face OPT and LLaMA directories: `config.json` + safetensors (single or sharded) or pytorch_model.bin.
+
+The family comes from config.json's model_type; its names and config live in conversion.families (OPT's
+here, LLaMA's in conversion.llama, whose head is untied: `lm_head.weight` is a tensor of its own).
 
 Reading accepts what circulates (HF #43159, TGI #2197, PiPPy PR #779): keys with the `model.` prefix
 (OPTForCausalLM) or without it (OPTModel, as HF's own metaseq converter saves), and `lm_head.weight`
@@ -18,6 +21,7 @@ from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID, OPTShape
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
+from conversion.families import names_for_hf_config, names_of
 from conversion.files import ConversionError, load_torch
 from conversion.progress import progress
 
@@ -26,12 +30,23 @@ LM_HEAD = "lm_head.weight"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+# The sizes an OPT config.json must give, and what each is (for the error messages).
+SIZE_KEYS = {"num_hidden_layers": "the number of decoder layers", "hidden_size": "the model width",
+             "num_attention_heads": "the attention heads per layer", "ffn_dim": "the MLP width",
+             "vocab_size": "the vocabulary size", "max_position_embeddings": "the longest sequence"}
+
+
 # --- config.json <-> OPTShape --------------------------------------------------------------------------
 
-def shape_from_config(config: dict, where: str) -> OPTShape:
-    if config.get("model_type") != "opt":
-        raise ConversionError(f"{where}: model_type is {config.get('model_type')!r}, not 'opt'; only OPT models "
-                              "convert")
+def shape_from_config(config: dict, where: str):
+    return names_for_hf_config(config, where).hf_shape_from_config(config, where)
+
+
+def config_from_shape(shape, dtype: torch.dtype) -> dict:
+    return names_of(shape).hf_config_from_shape(shape, dtype)
+
+
+def opt_shape_from_config(config: dict, where: str) -> OPTShape:
     unsupported = [(k, v, want) for k, want in (("activation_function", "relu"), ("enable_bias", True),
                                                  ("layer_norm_elementwise_affine", True))
                    if (v := config.get(k, want)) != want]
@@ -40,21 +55,29 @@ def shape_from_config(config: dict, where: str) -> OPTShape:
     if unsupported:
         raise ConversionError(f"{where}: {', '.join(f'{k}={v!r}' for k, v, _ in unsupported)} is not an OPT variant "
                               f"opt_ds implements (it needs {', '.join(f'{k}={w!r}' for k, _, w in unsupported)})")
-    try:
-        hidden = config.get("hidden_size", config.get("d_model"))
-        proj = config.get("word_embed_proj_dim") or hidden
-        return OPTShape(num_layers=config["num_hidden_layers"], hidden_size=hidden,
-                        num_heads=config["num_attention_heads"], ffn_hidden_size=config["ffn_dim"],
-                        vocab_size=config["vocab_size"], max_position_embeddings=config["max_position_embeddings"],
-                        word_embed_proj_dim=proj if proj != hidden else None,
-                        pre_layer_norm=config.get("do_layer_norm_before", True),
-                        dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
-                        init_std=config.get("init_std", 0.02))
-    except KeyError as err:
-        raise ConversionError(f"{where}: config.json lacks {err.args[0]!r}; it is not a complete OPT config") from None
+    sizes = {key: config.get(key, config.get("d_model") if key == "hidden_size" else None) for key in SIZE_KEYS}
+    for key, value in sizes.items():
+        if key not in config and value is None:
+            raise ConversionError(f"{where}: config.json lacks {key!r} ({SIZE_KEYS[key]}); it is not a complete OPT "
+                                  "config: add it, or fetch config.json again from the model's source")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{where}: config.json has {key}={value!r}, but {SIZE_KEYS[key]} must be a positive "
+                                  "integer: correct it, or fetch config.json again from the model's source")
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    if hidden % heads:
+        raise ConversionError(f"{where}: config.json has hidden_size={hidden}, not divisible by "
+                              f"num_attention_heads={heads}; correct one of them")
+    proj = config.get("word_embed_proj_dim") or hidden
+    return OPTShape(num_layers=sizes["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
+                    ffn_hidden_size=sizes["ffn_dim"], vocab_size=sizes["vocab_size"],
+                    max_position_embeddings=sizes["max_position_embeddings"],
+                    word_embed_proj_dim=proj if proj != hidden else None,
+                    pre_layer_norm=config.get("do_layer_norm_before", True),
+                    dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
+                    init_std=config.get("init_std", 0.02))
 
 
-def config_from_shape(shape: OPTShape, dtype: torch.dtype) -> dict:
+def opt_config_from_shape(shape: OPTShape, dtype: torch.dtype) -> dict:
     """config.json as transformers' OPTConfig writes it (readable by transformers 4.x and 5.x)."""
     return {
         "_remove_final_layer_norm": False, "activation_function": "relu", "architectures": ["OPTForCausalLM"],
@@ -130,11 +153,11 @@ class _WeightFiles:
         return self._torch_states[path][name]
 
 
-def canonical_name(name: str) -> Optional[str]:
-    """HF key (with or without `model.`) -> canonical key; None for the tied head."""
+def canonical_name(name: str, tied_head: bool = True) -> Optional[str]:
+    """HF key (with or without `model.`) -> canonical key; None for a tied head."""
     if name == LM_HEAD:
-        return None
-    return name if name.startswith(C.PREFIX) else "model." + name
+        return None if tied_head else name
+    return name if name.startswith("model.") else "model." + name
 
 
 class HFReader:
@@ -148,9 +171,12 @@ class HFReader:
         except ValueError as err:
             raise ConversionError(f"{config_path}: not valid JSON ({err})") from None
         self.shape = shape_from_config(self.config, str(config_path))
+        self.family = names_of(self.shape)
         self.weights = _WeightFiles(self.directory)
-        self.names = {canonical_name(n): n for n in self.weights.shapes if canonical_name(n) is not None}
-        if LM_HEAD in self.weights.shapes:
+        tied = self.family.hf_tied_head
+        self.names = {canonical_name(n, tied): n for n in self.weights.shapes if canonical_name(n, tied) is not None
+                      and not n.endswith("rotary_emb.inv_freq")}     # a buffer older LLaMA files saved
+        if tied and LM_HEAD in self.weights.shapes:
             self._check_tied_head()
 
     def _check_tied_head(self):
@@ -167,7 +193,8 @@ class HFReader:
         return {k: self._get(k) for k in C.global_shapes(self.shape) if k in self.names}
 
     def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
-        return {n: self._get(C.layer_key(layer, n)) for n in C.LAYER_NAMES if C.layer_key(layer, n) in self.names}
+        keys = {n: C.layer_key(layer, n, self.shape) for n in C.layer_shapes(self.shape)}
+        return {n: self._get(key) for n, key in keys.items() if key in self.names}
 
     def checkpoint(self) -> Checkpoint:
         sources = {key: f"{self.weights.location[name].name}: {name}" for key, name in self.names.items()}
@@ -187,7 +214,7 @@ def _tensors_in_order(ckpt: Checkpoint):
     globals_ = ckpt.globals()
     yield from ((k, v) for k, v in globals_.items() if k in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
     for layer in progress(range(ckpt.shape.num_layers), desc="HF layers"):
-        yield from ((C.layer_key(layer, n), t) for n, t in ckpt.layer(layer).items())
+        yield from ((C.layer_key(layer, n, ckpt.shape), t) for n, t in ckpt.layer(layer).items())
     yield from ((k, v) for k, v in globals_.items() if k not in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
 
 
@@ -223,9 +250,9 @@ def write(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHA
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     main_dtype = max(bytes_by_dtype, key=bytes_by_dtype.get)
     (dst / "config.json").write_text(json.dumps(config_from_shape(ckpt.shape, main_dtype), indent=2) + "\n")
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    generation = names_of(ckpt.shape).hf_special_ids
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def target_locations(shape: OPTShape) -> Dict[str, str]:
+def target_locations(shape) -> Dict[str, str]:
     return {key: f"model*.safetensors: {key}" for key in C.expected_shapes(shape)}

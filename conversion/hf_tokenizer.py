@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from opt_ds.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, BPETokenizer, TokenizerError
+from opt_ds.data.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, TokenizerError,
+                                   load_tokenizer, tokenizer_of_run)
 
 from conversion.files import ConversionError
 
@@ -28,30 +29,35 @@ SPECIAL_TOKENS_MAP = {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_
 
 
 class SourceTokenizer:
-    """What the export writes as its tokenizer: an opt_ds BPE, or an HF source's own files."""
+    """What the export writes as its tokenizer: an opt_ds tokenizer (byte-level BPE, or a tokenizer.json
+    copied as it is), or an HF source's own files."""
 
-    def __init__(self, bpe: Optional[BPETokenizer] = None, hf_directory: Optional[Path] = None, origin: str = ""):
-        self.bpe, self.hf_directory, self.origin = bpe, hf_directory, origin
+    def __init__(self, tokenizer=None, hf_directory: Optional[Path] = None, origin: str = ""):
+        self.tokenizer, self.hf_directory, self.origin = tokenizer, hf_directory, origin
 
     def vocab_size(self) -> Optional[int]:
-        return self.bpe.vocab_size if self.bpe is not None else None
+        return self.tokenizer.vocab_size if self.tokenizer is not None else None
 
     def write(self, dst: Path, model_max_length: int) -> None:
         if self.hf_directory is not None:
             for name in HF_TOKENIZER_FILES:
                 if (self.hf_directory / name).is_file():
                     shutil.copyfile(self.hf_directory / name, dst / name)
+        elif isinstance(self.tokenizer, HFTokenizer):
+            for name, path in self.tokenizer.files.items():
+                shutil.copyfile(path, dst / name)
         else:
-            write_bpe(self.bpe, dst, model_max_length)
+            write_bpe(self.tokenizer, dst, model_max_length)
 
 
-def load_tokenizer(spec: str, vocab_size: int) -> SourceTokenizer:
-    """`--tokenizer SPEC` ('opt' or a folder with vocab.json + merges.txt), checked to fit the model."""
+def tokenizer_argument(spec: str, vocab_size: int) -> SourceTokenizer:
+    """`--tokenizer SPEC` ('opt', a tokenizer.json, or a folder with one or with vocab.json + merges.txt),
+    checked to fit the model."""
     try:
-        bpe = BPETokenizer.load(spec)
+        tokenizer = load_tokenizer(spec)
     except TokenizerError as err:
         raise ConversionError(f"--tokenizer {spec}: {err}") from None
-    return checked(SourceTokenizer(bpe, origin=f"--tokenizer {spec}"), vocab_size)
+    return checked(SourceTokenizer(tokenizer, origin=f"--tokenizer {spec}"), vocab_size)
 
 
 def checked(tokenizer: SourceTokenizer, vocab_size: int) -> SourceTokenizer:
@@ -80,10 +86,10 @@ def recorded_tokenizer(src: Path, fmt: str, tag: Optional[str], vocab_size: int)
         return None     # weights only (written by `opt-ds convert`): no run config
     data = point.run_state["config"].get("data", {})
     try:
-        bpe = BPETokenizer.of_run(data)
+        tokenizer = tokenizer_of_run(data)
     except TokenizerError as err:
         raise ConversionError(f"{src}: the run's tokenizer cannot be loaded ({err}); pass it with --tokenizer") from None
-    return checked(SourceTokenizer(bpe, origin=f"the run config of {src}"), vocab_size) if bpe else None
+    return checked(SourceTokenizer(tokenizer, origin=f"the run config of {src}"), vocab_size) if tokenizer else None
 
 
 def write_bpe(bpe: BPETokenizer, dst: Path, model_max_length: int) -> None:

@@ -403,6 +403,8 @@ def part_state(ckpt: Checkpoint, globals_: Dict[str, torch.Tensor], part: int, p
 
 
 def check_parts(shape: OPTShape, parts: int) -> None:
+    if not isinstance(shape, OPTShape):
+        raise ConversionError("metaseq checkpoints hold OPT models only; convert a LLaMA to hf, meta or opt_ds")
     for what, size in (("attention heads", shape.num_heads), ("FFN size", shape.ffn_hidden_size),
                        ("vocabulary rows", shape.vocab_size)):
         if size % parts:

@@ -5,13 +5,16 @@
     <dir>/<tag>/mp_rank_ZZ_model_states.pt           engine metadata per (stage, TP rank), ZZ = stage*TP + tp
     <dir>/<tag>/zero_pp_rank_D_mp_rank_ZZ_optim_states.pt   ZeRO optimizer partitions (training only)
 
-Layer XX: 0 token embedding (vocab rows split over TP), 1 positions (+ project_in), 2..L+1 decoder layers,
-L+2 final LayerNorm / project_out. The writer names files through DeepSpeed's own topology, so they are
+Layer XX (OPT): 0 token embedding (vocab rows split over TP), 1 positions (+ project_in), 2..L+1 decoder
+layers, L+2 final LayerNorm / project_out; (LLaMA) 0 embedding, 1..L decoder layers, L+1 RMSNorm, L+2 head.
+Which tensors are split over TP, on which dim and with which stride, is read from the model's megatron
+layers (`opt_ds.parallel.pipe.tensor_parallel_dims`). The writer names files through DeepSpeed's own topology, so they are
 the names a real engine at the target layout looks for; the reader infers TP from the files of layer 0
 and PP from the mp_rank files, and checks both against the metadata DeepSpeed recorded.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -20,9 +23,12 @@ import torch
 
 from opt_ds.models.presets import OPTShape
 from opt_ds.parallel.checkpoint_info import checkpoint_client_state, shape_from_client_state
-from opt_ds.parallel.pipe import decoder_layer_index, final_layer_index
+from opt_ds.models.family import family_of
+from opt_ds.parallel.gather import merge_shards, split_full
+from opt_ds.parallel.pipe import final_layer_index, tensor_parallel_dims
 
 from conversion import canonical as C
+from conversion.families import names_of
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, load_torch, save_torch
 from conversion.progress import progress
@@ -34,9 +40,17 @@ ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.p
 EMBEDDING_INDEX, POSITIONS_INDEX = 0, 1
 DEFAULT_TAG = "global_step0"
 
-# Tensor-parallel split dimension of each opt_ds tensor; any other tensor is replicated on every TP rank.
-SPLIT_DIM = {"word_embeddings.weight": 0, "self_attn.qkv.weight": 0, "self_attn.qkv.bias": 0,
-             "mlp.fc1.weight": 0, "mlp.fc1.bias": 0, "self_attn.out_proj.weight": 1, "mlp.fc2.weight": 1}
+
+
+@functools.lru_cache(maxsize=8)
+def layer_splits(shape) -> Dict[str, Tuple[int, int]]:
+    """{name inside a pipeline layer: (TP split dim, stride)} for every TP-split tensor; others are replicated."""
+    splits = {}
+    for name, split in tensor_parallel_dims(shape).items():
+        if split.dim is not None:
+            splits[name.split(".", 1)[1].split(".", 1)[1] if name.startswith("tied_modules.")
+                   else name.split(".", 1)[1]] = (split.dim, split.stride)
+    return splits
 
 # Decoder-layer tensors that keep their meaning, canonical (HF) name -> opt_ds name. q/k/v fuse into qkv.
 DECODER_RENAMES = {
@@ -81,37 +95,48 @@ def decoder_from_opt_ds(state: Dict[str, torch.Tensor], num_heads: int) -> Dict[
     return layer
 
 
-def special_layer_index(role: str, shape: OPTShape) -> int:
-    return {"embedding": EMBEDDING_INDEX, "positions": POSITIONS_INDEX, "final": final_layer_index(shape)}[role]
+def opt_layer_roles(shape: OPTShape) -> Dict[str, int]:
+    return {"embedding": EMBEDDING_INDEX, "positions": POSITIONS_INDEX, "final": final_layer_index(shape)}
+
+
+def special_layer_index(role: str, shape) -> int:
+    return names_of(shape).layer_roles(shape)[role]
 
 
 def full_layer_states(ckpt: Checkpoint, vocab_rows: int) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
-    """(pipeline layer index, full TP=1 state) for every layer file, embedding rows padded to `vocab_rows`."""
-    shape = ckpt.shape
-    globals_ = ckpt.globals()
-    special = {role: {} for role in ("embedding", "positions", "final")}
-    for key, tensor in globals_.items():
-        role, name = GLOBAL_NAMES[key]
-        special[role][name] = tensor
-    special["embedding"]["word_embeddings.weight"] = pad_rows(globals_[C.EMBED_TOKENS], vocab_rows)
-    yield EMBEDDING_INDEX, special["embedding"]
-    yield POSITIONS_INDEX, special["positions"]
-    for layer in range(shape.num_layers):
-        yield decoder_layer_index(layer), decoder_to_opt_ds(ckpt.layer(layer), shape.num_heads)
-    yield final_layer_index(shape), special["final"]
+    """(pipeline layer index, full TP=1 state) for every layer file, vocabulary rows padded to `vocab_rows`."""
+    shape, names = ckpt.shape, names_of(ckpt.shape)
+    roles = names.layer_roles(shape)
+    special = {index: {} for index in roles.values()}
+    for key, tensor in ckpt.globals().items():
+        role, name = names.global_names[key]
+        special[roles[role]][name] = pad_rows(tensor, vocab_rows) if key in names.vocab_keys else tensor
+    first_decoder = family_of(shape).first_decoder_layer
+    for index in range(max(special) + 1):
+        if index in special:
+            yield index, special[index]
+        else:
+            yield index, names.decoder_to_opt_ds(ckpt.layer(index - first_decoder), shape)
 
 
-def shard_state(state: Dict[str, torch.Tensor], tp: int) -> List[Dict[str, torch.Tensor]]:
-    """Cut one full layer state into the state of each TP rank."""
+def shard_state(state: Dict[str, torch.Tensor], tp: int, splits: Dict[str, Tuple[int, int]]
+                ) -> List[Dict[str, torch.Tensor]]:
+    """Cut one full layer state into the state of each TP rank (`splits`: `layer_splits(shape)`)."""
     ranks = [{} for _ in range(tp)]
     for name, tensor in state.items():
-        pieces = chunk(tensor, tp, SPLIT_DIM[name]) if name in SPLIT_DIM else [tensor] * tp
+        if name in splits:
+            dim, stride = splits[name]
+            chunk(tensor, tp * stride, dim)         # one clear error when the rows do not divide
+            pieces = [piece.clone() for piece in split_full(tensor, dim, tp, stride)]
+        else:
+            pieces = [tensor] * tp
         for rank, piece in zip(ranks, pieces):
             rank[name] = piece
     return ranks
 
 
-def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool = True) -> Dict[str, torch.Tensor]:
+def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, splits: Dict[str, Tuple[int, int]],
+                compare: bool = True) -> Dict[str, torch.Tensor]:
     """The inverse of shard_state; replicated tensors must agree on every rank (unless compare=False)."""
     names = list(ranks[0])
     for rank, state in enumerate(ranks[1:], start=1):
@@ -121,8 +146,8 @@ def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool 
     merged = {}
     for name in names:
         pieces = [state[name] for state in ranks]
-        if name in SPLIT_DIM:
-            merged[name] = torch.cat(pieces, dim=SPLIT_DIM[name])
+        if name in splits:
+            merged[name] = merge_shards(pieces, *splits[name])
         else:
             merged[name] = check_same(pieces, f"{where}: {name}") if compare else pieces[0]
     return merged
@@ -130,16 +155,15 @@ def merge_state(ranks: List[Dict[str, torch.Tensor]], where: str, compare: bool 
 
 # --- writing -------------------------------------------------------------------------------------------
 
-def check_layout(shape: OPTShape, tp: int, pp: int) -> None:
+def check_layout(shape, tp: int, pp: int) -> None:
     """The TP / PP degrees a model of this shape can be cut into (vocabulary rows are padded instead)."""
-    if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1 (got {tp}, {pp})")
     divisors = lambda n: ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)  # noqa: E731
     if shape.num_heads % tp:
         raise ConversionError(f"--tp {tp} does not divide the {shape.num_heads} attention heads; use one of "
                               f"{divisors(shape.num_heads)}")
-    if shape.ffn_hidden_size % tp:
-        raise ConversionError(f"--tp {tp} does not divide the FFN size {shape.ffn_hidden_size}")
+    for field, value in family_of(shape).tensor_parallel_divisors(shape).items():
+        if field not in ("num_heads", "vocab_size") and value % tp:
+            raise ConversionError(f"--tp {tp} does not divide {field} {value}; use one of {divisors(value)}")
     if pp > shape.num_layers:
         raise ConversionError(f"--pp {pp} is more pipeline stages than the {shape.num_layers} decoder layers; "
                               f"use at most {shape.num_layers}")
@@ -152,7 +176,7 @@ def layer_file_name(index: int, tp_rank: int, topology) -> str:
     return f"layer_{index:02d}" + (f"-{repr_}" if repr_ else "") + "-model_states.pt"
 
 
-def mp_rank_state(shape: OPTShape, original_vocab_size: int, tp: int, pp: int) -> dict:
+def mp_rank_state(shape, original_vocab_size: int, tp: int, pp: int) -> dict:
     """The engine metadata file of a weights-only checkpoint (what `engine.load_checkpoint` reads)."""
     import deepspeed
     from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_PP_DEGREE, CHECKPOINT_TP_DEGREE
@@ -175,8 +199,9 @@ def write(ckpt: Checkpoint, dst: Path, *, tp: int = 1, pp: int = 1, tag: str = D
     topology = ParallelLayout(tp, pp, 1).topology()
     tag_dir = Path(dst) / tag
     tag_dir.mkdir(parents=True)
+    splits = layer_splits(shape.replace(vocab_size=rows))
     for index, state in progress(full_layer_states(ckpt, rows), total=shape.num_layers + 3, desc="opt_ds layers"):
-        for rank, piece in enumerate(shard_state(state, tp)):
+        for rank, piece in enumerate(shard_state(state, tp, splits)):
             save_torch(piece, tag_dir / layer_file_name(index, rank, topology))
     meta = mp_rank_state(shape.replace(vocab_size=rows), shape.vocab_size, tp, pp)
     for model_rank in range(tp * pp):
@@ -184,32 +209,35 @@ def write(ckpt: Checkpoint, dst: Path, *, tp: int = 1, pp: int = 1, tag: str = D
     (Path(dst) / "latest").write_text(tag)
 
 
-def target_locations(shape: OPTShape, tp: int) -> Dict[str, str]:
+def target_locations(shape, tp: int) -> Dict[str, str]:
     """Canonical key -> where the writer puts it (for --dry-run)."""
     files = lambda index: f"layer_{index:02d}-model_{{00..{tp - 1:02d}}}" if tp > 1 else f"layer_{index:02d}-model_00"  # noqa: E731
     return {key: describe_location(key, shape, files, tp) for key in C.expected_shapes(shape)}
 
 
-def describe_location(key: str, shape: OPTShape, files, tp: int) -> str:
-    if key in GLOBAL_NAMES:
-        role, name = GLOBAL_NAMES[key]
+def describe_location(key: str, shape, files, tp: int) -> str:
+    names = names_of(shape)
+    if key in names.global_names:
+        role, name = names.global_names[key]
         index = special_layer_index(role, shape)
     else:
-        layer, rel = _split_layer_key(key)
-        index = decoder_layer_index(layer)
+        layer, rel = _split_layer_key(key, names.layer_prefix)
+        index = family_of(shape).decoder_layer_index(layer)
         if rel.startswith("self_attn.") and rel.split(".")[1] in C.ATTENTION_INPUTS:
             part, w = rel.split(".")[1:]
-            name = f"self_attn.qkv.{w} ({part[0]} rows of each head, [np,3,hn])"
+            layout = "[np,3,hn]" if family_of(shape).name == "opt" else "grouped per key/value head"
+            name = f"self_attn.qkv.{w} ({part[0]} rows of each head, {layout})"
+        elif rel.startswith("mlp.") and rel.split(".")[1] in ("gate_proj", "up_proj"):
+            name = f"mlp.gate_up.weight ({rel.split('.')[1][:-5]} half of each TP shard)"
         else:
-            name = DECODER_RENAMES[rel]
-    split = SPLIT_DIM.get(name.split(" ")[0])
+            name = DECODER_RENAMES.get(rel, rel)
+    split = layer_splits(shape).get(name.split(" ")[0], (None, 1))[0]
     how = "whole" if tp == 1 else f"split dim {split} over {tp} TP ranks" if split is not None else "replicated"
     return f"{files(index)}: {name} [{how}]"
 
 
-def _split_layer_key(key: str) -> Tuple[int, str]:
-    rest = key[len(C.PREFIX + "layers."):]
-    layer, rel = rest.split(".", 1)
+def _split_layer_key(key: str, prefix: str = C.PREFIX + "layers.") -> Tuple[int, str]:
+    layer, rel = key[len(prefix):].split(".", 1)
     return int(layer), rel
 
 
@@ -237,6 +265,22 @@ def resolve_tag_dir(path: Path, tag: Optional[str]) -> Path:
     if len(tags) == 1:
         return path / tags[0]
     raise ConversionError(f"{path}: no `latest` file; pass --tag (found tags: {', '.join(tags) or 'none'})")
+
+
+def check_manifest(path, tag: Optional[str]) -> None:
+    """The source's files match the SHA-256 manifest `opt-ds train` wrote beside them (a damaged checkpoint
+    would otherwise convert, and verify, as if intact). Checkpoints without a manifest are not checked."""
+    from opt_ds.train import checkpoint, manifest
+    tag_dir = resolve_tag_dir(Path(path), tag)
+    problems = manifest.verify(tag_dir, "sha256")
+    if not problems:
+        return
+    detail = problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+    step = tag_dir.name.removeprefix("global_step")
+    previous = checkpoint.previous_intact(tag_dir.parent, int(step), "sha256") if step.isdigit() else None
+    fix = (f"convert the previous intact checkpoint with --src-tag {previous.tag}" if previous is not None
+           else "restore it from a copy (no older intact checkpoint is beside it)")
+    raise ConversionError(f"{tag_dir} is damaged ({detail}); {fix}")
 
 
 def _tags(path: Path) -> List[str]:
@@ -293,9 +337,10 @@ class OptDsReader:
         self.padded_vocab = stored_shape.vocab_size
         info = self.meta.get("universal_checkpoint_info") or {}
         self.shape = stored_shape.replace(vocab_size=info.get("original_vocab_size", stored_shape.vocab_size))
-        if final_layer_index(self.shape) != max(self.layers):
+        if max(names_of(self.shape).layer_roles(self.shape).values()) != max(self.layers):
             raise ConversionError(f"{self.tag_dir}: {max(self.layers) + 1} layer files but the recorded model has "
-                                  f"{self.shape.num_layers} decoder layers (expected {final_layer_index(self.shape) + 1} "
+                                  f"{self.shape.num_layers} decoder layers (expected "
+                                  f"{max(names_of(self.shape).layer_roles(self.shape).values()) + 1} "
                                   "files); the checkpoint is incomplete or its metadata belongs to another model")
 
     def _pipeline_degree(self, mp_files: List[Path]) -> int:
@@ -317,19 +362,19 @@ class OptDsReader:
         return pp
 
     def _infer_shape(self, num_heads: Optional[int]) -> OPTShape:
-        """Shapes from the tensors, for checkpoints saved without `opt_model_shape` in their client state."""
+        """Shapes from the tensors (TP rank 0's, split dims times TP), for OPT checkpoints saved without
+        `opt_model_shape` in their client state (layers: 0 embedding, 1 positions, 2.. decoder)."""
         if num_heads is None:
             raise ConversionError(f"{self.tag_dir}: the checkpoint does not record the model shape "
                                   "(no `opt_model_shape` in its client state) and the number of attention heads "
                                   "cannot be read from the weights; pass --num-heads N")
-        embedding = self._merged(EMBEDDING_INDEX)["word_embeddings.weight"]
-        positions = self._merged(POSITIONS_INDEX)
-        decoder = self._merged(decoder_layer_index(0))
-        final = self._merged(max(self.layers))
+        first = {index: self._ranks(index)[0] for index in (EMBEDDING_INDEX, POSITIONS_INDEX, 2, max(self.layers))}
+        embedding, positions = first[EMBEDDING_INDEX]["word_embeddings.weight"], first[POSITIONS_INDEX]
+        decoder, final = first[2], first[max(self.layers)]
         hidden = positions["embed_positions.weight"].shape[1]
-        return OPTShape(num_layers=max(self.layers) - decoder_layer_index(0), hidden_size=hidden,
-                        num_heads=num_heads, ffn_hidden_size=decoder["mlp.fc1.weight"].shape[0],
-                        vocab_size=embedding.shape[0],
+        return OPTShape(num_layers=max(self.layers) - 2, hidden_size=hidden,
+                        num_heads=num_heads, ffn_hidden_size=decoder["mlp.fc1.weight"].shape[0] * self.tp,
+                        vocab_size=embedding.shape[0] * self.tp,
                         max_position_embeddings=positions["embed_positions.weight"].shape[0] - 2,
                         word_embed_proj_dim=embedding.shape[1] if embedding.shape[1] != hidden else None,
                         pre_layer_norm="final_layer_norm.weight" in final)
@@ -342,16 +387,19 @@ class OptDsReader:
     def _merged(self, index: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         ranks = [{k: (v.to("meta") if meta else v) for k, v in state.items() if torch.is_tensor(v)}
                  for state in self._ranks(index)]
-        return merge_state(ranks, f"{self.tag_dir.name}/layer_{index:02d}", compare=not meta)
+        return merge_state(ranks, f"{self.tag_dir.name}/layer_{index:02d}",
+                           layer_splits(self.shape.replace(vocab_size=self.padded_vocab)), compare=not meta)
 
     def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
-        indices = {role: special_layer_index(role, self.shape) for role in ("embedding", "positions", "final")}
+        names = names_of(self.shape)
+        indices = names.layer_roles(self.shape)
         states = {role: self._merged(index, meta) for role, index in indices.items()}
         for index in indices.values():
             self._loaded.pop(index, None)
-        out = {key: states[role][name] for key, (role, name) in GLOBAL_NAMES.items() if name in states[role]}
-        if C.EMBED_TOKENS in out:
-            out[C.EMBED_TOKENS] = self._unpadded(out[C.EMBED_TOKENS])
+        out = {key: states[role][name] for key, (role, name) in names.global_names.items() if name in states[role]}
+        for key in names.vocab_keys:
+            if key in out:
+                out[key] = self._unpadded(out[key])
         return out
 
     def _unpadded(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -361,8 +409,8 @@ class OptDsReader:
         return embedding[:self.shape.vocab_size]
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
-        index = decoder_layer_index(layer)
-        state = decoder_from_opt_ds(self._merged(index, meta), self.shape.num_heads)
+        index = family_of(self.shape).decoder_layer_index(layer)
+        state = names_of(self.shape).decoder_from_opt_ds(self._merged(index, meta), self.shape)
         self._loaded.pop(index, None)
         return state
 
@@ -371,7 +419,8 @@ class OptDsReader:
                    for key in C.expected_shapes(self.shape)}
         shapes = {k: tuple(v.shape) for k, v in self.read_globals(meta=True).items()}
         for layer in range(self.shape.num_layers):
-            shapes.update({C.layer_key(layer, n): tuple(v.shape) for n, v in self.read_layer(layer, meta=True).items()})
+            shapes.update({C.layer_key(layer, n, self.shape): tuple(v.shape)
+                           for n, v in self.read_layer(layer, meta=True).items()})
         origin = f"opt_ds checkpoint {self.tag_dir} (TP={self.tp}, PP={self.pp})"
         optimizer = "the ZeRO optimizer state (zero_pp_rank_*_optim_states.pt)" if self.has_optimizer_state else None
         return Checkpoint(self.shape, origin, self.read_globals, self.read_layer, sources, shapes, optimizer)

@@ -23,16 +23,15 @@ import torch
 
 from opt_ds.parallel.checkpoint_info import (MODEL_SHAPE_KEY, UNIVERSAL_INFO_KEY, checkpoint_client_state,
                                              shape_from_client_state)
-from opt_ds.parallel.pipe import decoder_layer_index
+from opt_ds.models.family import family_of
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, load_torch, save_torch
-from conversion.opt_ds_format import (GLOBAL_NAMES, MP_RANK_FILE, OptDsReader, decoder_from_opt_ds,
-                                      special_layer_index)
+from conversion.families import names_of
+from conversion.opt_ds_format import MP_RANK_FILE, OptDsReader, special_layer_index
 
 LATEST = "latest_universal"
-EMBEDDING_PARAM = "tied_modules.embed.word_embeddings.weight"
 LOAD_CONFIG = {"checkpoint": {"load_universal": True}}
 
 
@@ -110,20 +109,26 @@ class UniversalReader:
                 if p.name.startswith(prefix)}
 
     def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
-        out = {C.EMBED_TOKENS: self._param(EMBEDDING_PARAM, meta)[:self.shape.vocab_size]}
-        for key, (role, name) in GLOBAL_NAMES.items():
-            param = f"{special_layer_index(role, self.shape)}.{name}"
-            if role != "embedding" and (self.zero / param).is_dir():
+        names, tied = names_of(self.shape), family_of(self.shape).tied_embedding_key
+        out = {}
+        for key, (role, name) in names.global_names.items():
+            index = special_layer_index(role, self.shape)
+            param = f"tied_modules.{tied}.{name}" if tied and index == 0 else f"{index}.{name}"
+            if (self.zero / param).is_dir():
                 out[key] = self._param(param, meta)
+        for key in names.vocab_keys:
+            out[key] = out[key][:self.shape.vocab_size]
         return out
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
-        return decoder_from_opt_ds(self._layer_state(decoder_layer_index(layer), meta), self.shape.num_heads)
+        index = family_of(self.shape).decoder_layer_index(layer)
+        return names_of(self.shape).decoder_from_opt_ds(self._layer_state(index, meta), self.shape)
 
     def checkpoint(self) -> Checkpoint:
         shapes = {k: tuple(v.shape) for k, v in self.read_globals(meta=True).items()}
         for layer in range(self.shape.num_layers):
-            shapes.update({C.layer_key(layer, n): tuple(v.shape) for n, v in self.read_layer(layer, meta=True).items()})
+            shapes.update({C.layer_key(layer, n, self.shape): tuple(v.shape)
+                           for n, v in self.read_layer(layer, meta=True).items()})
         sources = {key: f"{self.tag_dir.name}/zero/<param>/fp32.pt" for key in shapes}
         return Checkpoint(self.shape, f"universal checkpoint {self.tag_dir}", self.read_globals, self.read_layer,
                           sources, shapes)

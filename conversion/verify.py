@@ -2,7 +2,7 @@
 
 Both sides run through opt_ds's own model (the pipeline module at TP=1, PP=1 in this one process), in
 fp32 on the CPU, loaded from what is on disk. When `transformers` is installed, the target also runs
-through Hugging Face's `OPTForCausalLM`, the independent reference implementation, which catches an error
+through Hugging Face's `OPTForCausalLM` / `LlamaForCausalLM`, the independent reference implementation, which catches an error
 the two opt_ds runs would share (e.g. a QKV order that is wrong in the same way on both sides).
 
 Tolerances (max |logit difference|, relative to the largest |logit| of the source, floor 1):
@@ -12,15 +12,17 @@ Tolerances (max |logit difference|, relative to the largest |logit| of the sourc
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from opt_ds.models.presets import BOS_ID, OPTShape
+from opt_ds.models.presets import BOS_ID
 
 from conversion.canonical import EMBED_TOKENS, Checkpoint
+from conversion.families import names_of
 from conversion.hf import LM_HEAD, config_from_shape
 
 OPT_PROMPT = [BOS_ID, 31414, 6, 127, 2335, 16, 11962]      # "</s>Hello, my dog is cute" in OPT's vocabulary
@@ -28,11 +30,10 @@ NEW_TOKENS = 8
 LOSSLESS_TOLERANCE = 1e-5
 LOSSY_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
 REFERENCE_TOLERANCE = 1e-4
-ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
-                       "max_position_embeddings", "embed_dim", "pre_layer_norm")
+TRAINING_ONLY_FIELDS = ("dropout", "attention_dropout", "init_std")
 
 
-def prompt_for(shape: OPTShape) -> List[int]:
+def prompt_for(shape) -> List[int]:
     if shape.vocab_size > max(OPT_PROMPT):
         return list(OPT_PROMPT)
     return [BOS_ID] + [(7919 * i + 13) % (shape.vocab_size - 3) + 3 for i in range(6)]
@@ -60,7 +61,7 @@ def run(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_
 class OptDsModel:
     """opt_ds's pipeline module (TP=1, PP=1) in this process, fp32, eval mode."""
 
-    def __init__(self, shape: OPTShape):
+    def __init__(self, shape):
         from opt_ds.parallel.layout import ParallelLayout
         from opt_ds.parallel.pipe import build_pipeline
         layout = ParallelLayout(1, 1, 1)
@@ -82,6 +83,11 @@ class OptDsModel:
 
 
 def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """transformers' model of `ckpt`'s family holding it (fp32), or None when transformers is not installed."""
+    return names_of(ckpt.shape).hf_reference(ckpt)
+
+
+def opt_hf_reference(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """OPTForCausalLM holding `ckpt` (fp32), or None when transformers is not installed."""
     try:
         from transformers import OPTConfig, OPTForCausalLM
@@ -113,8 +119,9 @@ class Report:
         return "\n".join(self.lines)
 
 
-def architecture(shape: OPTShape) -> dict:
-    return {f: getattr(shape, f) for f in ARCHITECTURE_FIELDS}
+def architecture(shape) -> dict:
+    fields = dataclasses.asdict(shape)
+    return {"family": type(shape).__name__, **{k: v for k, v in fields.items() if k not in TRAINING_ONLY_FIELDS}}
 
 
 def precision_lost(source_dtypes: dict, target_dtypes: dict) -> Optional[torch.dtype]:
@@ -156,7 +163,7 @@ def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) ->
             ref_abs, ref_kl, ref_scale = difference(ref.logits, tgt.logits)
             ref_ok = ref_abs <= REFERENCE_TOLERANCE * ref_scale and ref.tokens == tgt.tokens
             ok = ok and ref_ok
-            lines.append(f"verify: target in transformers' OPTForCausalLM vs opt_ds: max |diff| {ref_abs:.3e} "
+            lines.append(f"verify: target in transformers' {names_of(target.shape).hf_class} vs opt_ds: max |diff| {ref_abs:.3e} "
                          f"(tolerance {REFERENCE_TOLERANCE * ref_scale:.1e}), KL {ref_kl:.3e}, greedy "
                          f"{'identical' if ref.tokens == tgt.tokens else f'DIFFERENT {ref.tokens}'}")
     lines.append("verify: " + ("OK" if ok else "FAILED: the converted checkpoint does not reproduce the source"))

@@ -6,5 +6,6 @@
 set -euo pipefail
 HOSTFILE=${HOSTFILE:-launchers/hostfile}
 LAUNCHER=${LAUNCHER:-pdsh}
-MASTER_PORT=${MASTER_PORT:-29500}
-exec opt-ds launch --hostfile "$HOSTFILE" --launcher "$LAUNCHER" --master-port "$MASTER_PORT" "$@"
+PORT_ARGS=()
+if [ -n "${MASTER_PORT:-}" ]; then PORT_ARGS=(--master-port "$MASTER_PORT"); fi   # default: a free port
+exec opt-ds launch --hostfile "$HOSTFILE" --launcher "$LAUNCHER" "${PORT_ARGS[@]}" "$@"

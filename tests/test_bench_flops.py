@@ -1,4 +1,4 @@
-"""FLOPs conventions against hand-computed values (anchors.md §6.4, training-recipe.md)."""
+"""FLOPs conventions against hand-computed values (Narayanan et al. 2021; Kaplan et al. 2020)."""
 import pytest
 
 from opt_ds.models.flops import (OPT_175B_A100_TFLOPS, all_conventions, hardware_flops, matmul_parameters,
@@ -35,8 +35,8 @@ def test_opt_175b_per_token_conventions():
     assert OPT_175B_A100_TFLOPS * 1e12 / model == pytest.approx(136.6, abs=0.1)
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if n != "opt-350m"])
-def test_closed_forms_hold_for_every_standard_preset(name):
+@pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("opt-") and n != "opt-350m"])
+def test_closed_forms_hold_for_every_standard_opt_preset(name):
     shape = PRESETS[name].shape
     l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
     batch = 8
@@ -76,3 +76,27 @@ def test_every_convention_prints_its_formula_and_the_numbers():
     assert counts[1].worked.startswith("96·8·2048·24·2048²")
     for c in counts:
         assert f"{c.flops:.4g}" in c.worked
+
+
+@pytest.mark.parametrize("name", ["llama-65b", "llama2-70b"])
+def test_llama_swiglu_gqa_untied_head_by_hand(name):
+    shape = get_preset(name).shape
+    l, h, v, f, d = 80, 8192, 32000, shape.ffn_hidden_size, 128
+    kv = {"llama-65b": 64, "llama2-70b": 8}[name]
+    layer = 2 * h * h + 2 * h * kv * d + 3 * h * f          # q, o; k, v (GQA); gate, up, down
+    model = l * (6 * layer + 12 * S * h) + 6 * v * h        # + the untied V x h head
+    count = model_flops(shape, 1, S)
+    assert per_token(count) == pytest.approx(model, rel=1e-12)
+    assert "gated" in count.worked and "exact per-term sum" in count.worked
+    assert per_token(hardware_flops(shape, 1, S, l)) == pytest.approx(model + l * (2 * layer + 4 * S * h), rel=1e-12)
+    # 6N leaves out the token embedding (a lookup) but keeps the untied head; norms are counted in N.
+    n = l * (layer + 2 * h) + h + v * h
+    assert matmul_parameters(shape) == n
+    assert per_token(sixn_attention_flops(shape, 1, S)) == pytest.approx(6 * n + 12 * l * h * S, rel=1e-12)
+
+
+def test_llama_65b_paper_throughput_in_tflops():
+    """LLaMA trained 65B at ~380 tokens/s per A100-80GB (paper §2.4). By hand: per layer 6·(2h² + 2h² + 3hF)
+    + 12·s·h = 6·809.5M + 201.3M = 5.058e9, × 80 layers + 6·V·h 1.573e9 = 4.062e11 per token -> 154.4 TFLOP/s."""
+    per_gpu = per_token(model_flops(get_preset("llama-65b").shape, 1, S)) * 380 / 1e12
+    assert per_gpu == pytest.approx(154.4, abs=0.1)

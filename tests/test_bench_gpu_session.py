@@ -51,10 +51,10 @@ def test_rehearsal_on_cpu(tmp_path):
         ("tiny", "opt_ds"), ("tiny", "hf"), ("tiny", "hf-deepspeed"), (None, "projection"), (None, "projection")]
     assert all(r.get("status", "ok") == "ok" for r in rows)
     assert "within ±15 %" in (out / "projection-a100-80gb.txt").read_text()
-    measured = (out / "projection-h100-sxm.txt").read_text()
+    measured = (out / "projection-h100-80gb.txt").read_text()
     assert "measured" in measured and "on cpu ÷ TP 1" in measured
     assert rows[-1]["layer_ms"] > 0
     names = {p.name for p in out.iterdir()}
     assert names <= {"results.jsonl", "table.txt", "tflops.png", "workers.log", "session.log",
-                     "projection-a100-80gb.txt", "projection-h100-sxm.txt"}       # ≤ 8 files come back
+                     "projection-a100-80gb.txt", "projection-h100-80gb.txt"}       # ≤ 8 files come back
     assert "== done" in log

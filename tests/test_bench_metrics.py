@@ -133,3 +133,14 @@ def test_list_names_every_case():
     text = cli.list_cases()
     for name in NAMED_CASES:
         assert name in text
+
+
+def test_step_time_spread_is_reported_and_a_noisy_measurement_flagged():
+    from opt_ds.bench.report import formulas
+    case = parse_case("opt-1.3b").resolve_precision(cuda=True)
+    steady = derive(_raw(case, step_times=(0.40, 0.38, 0.42)))
+    assert (steady["step_time_min_s"], steady["step_time_s"], steady["step_time_max_s"]) == (0.38, 0.40, 0.42)
+    assert not steady["noisy"] and "NOISY" not in formulas([steady])
+    noisy = derive(_raw(case, step_times=(0.40, 0.30, 0.50)))
+    assert noisy["noisy"] and noisy["step_time_spread"] == pytest.approx(0.5)
+    assert "min 0.3 s, max 0.5 s; NOISY: the steps differ by 50% of the median" in formulas([noisy])

@@ -64,3 +64,15 @@ def test_launched_mode_refuses_a_case_of_another_size(tmp_path):
     proc = opt_ds("bench", "tiny", "--out", tmp_path / "x", nproc=2, timeout=120, check=False)
     assert proc.returncode != 0 and "needs 1 rank(s)" in proc.stdout
     assert not (tmp_path / "x").exists()
+
+
+def test_llama_case_runs_beside_its_hugging_face_peer(tmp_path):
+    out = tmp_path / "bench"
+    opt_ds("bench", "tiny-llama", "--steps", "2", "--warmup", "1", "--out", out, timeout=300)
+    rows = rows_of(out / "results.jsonl")
+    assert [(r["case"], r["impl"]) for r in rows] == [
+        ("tiny-llama", "opt_ds"), ("tiny-llama", "hf"), ("tiny-llama", "hf-deepspeed")]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["loss"] == pytest.approx(6.93, abs=0.1)        # ln(1024): both models start uniform
+    assert "SwiGLU" in rows[0]["tflops"]["model"]["worked"]

@@ -1,12 +1,12 @@
-"""The shipped presets: every OPT size resolves at its intended world size, follows the paper's recipe,
-and agrees with the DeepSpeed JSON shipped beside it."""
+"""The shipped presets: every OPT and LLaMA size resolves at its intended world size, follows its paper's
+recipe, and agrees with the DeepSpeed JSON shipped beside it."""
 import json
 from pathlib import Path
 
 import pytest
 
 from opt_ds.config import load_config
-from opt_ds.models.presets import PRESETS
+from opt_ds.models.presets import PRESETS, family_of
 
 CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -23,10 +23,15 @@ def test_preset_follows_the_paper(name):
     assert cfg.shape == preset.shape
     assert cfg.run.optimizer.lr == pytest.approx(preset.peak_lr)
     assert cfg.run.optimizer.betas == [0.9, 0.95] and cfg.run.optimizer.weight_decay == 0.1
-    assert cfg.tensor == preset.opt_tensor_parallel
+    assert cfg.tensor == preset.tensor_parallel
     tokens = cfg.run.batch.global_batch_size * cfg.run.batch.seq_length
     assert tokens == pytest.approx(preset.global_batch_tokens, rel=0.04)
-    assert cfg.layout.world_size <= 992
+    if family_of(preset.shape).name == "opt":
+        assert cfg.layout.world_size <= 992
+    else:   # LLaMA: cosine to 10 %, 2000 warmup steps, clipping 1.0; LLaMA-65B ran on 2048 A100s
+        opt = cfg.run.optimizer
+        assert (opt.schedule, opt.min_lr_ratio, opt.warmup_steps, opt.clip_grad) == ("cosine", 0.1, 2000, 1.0)
+        assert cfg.layout.world_size <= 2048 and cfg.run.precision.dtype == "bf16"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -45,3 +50,9 @@ def test_pinning_a_json_that_no_longer_matches_fails(tmp_path):
     edited.write_text(text + "deepspeed: deepspeed/ds.json\n")
     with pytest.raises(Exception, match="train_micro_batch_size_per_gpu=2 but the config gives 1"):
         load_config(edited, world_size=256)
+
+
+def test_demo_llama_is_a_gqa_llama_at_tp2_pp2():
+    cfg = load_config(CONFIGS / "demo-llama.yaml", world_size=4)
+    assert type(cfg.shape).__name__ == "LlamaShape" and (cfg.shape.num_heads, cfg.shape.kv_heads) == (8, 2)
+    assert (cfg.tensor, cfg.pipeline, cfg.data) == (2, 2, 1) and cfg.run.optimizer.schedule == "cosine"

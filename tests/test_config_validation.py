@@ -72,7 +72,7 @@ def test_seq_longer_than_positions():
 
 
 def test_unknown_preset():
-    assert "unknown OPT preset 'opt-7b'" in error(["model.preset=opt-7b"])
+    assert "model.preset: unknown preset 'opt-7b'" in error(["model.preset=opt-7b"])
 
 
 def test_deepspeed_json_that_disagrees(tmp_path):

@@ -61,4 +61,4 @@ def test_half_precision_target_is_verified_with_the_stated_tolerance(tmp_path, c
 
 def test_module_entry_point_runs():
     proc = run([sys.executable, "-m", "conversion.cli", "--help"], timeout=120)
-    assert "--to {hf,metaseq,opt_ds,universal}" in proc.stdout
+    assert "--to {hf,meta,metaseq,opt_ds,universal}" in proc.stdout

@@ -26,6 +26,31 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint_and_an_exact_resume
     assert [resumed[s] for s in range(11, 31)] == [straight[s] for s in range(11, 31)]
 
 
+def test_crash_while_resaving_a_step_keeps_a_complete_copy_and_the_resume_exact(tmp_path):
+    """Re-saving a published step (here: resuming global_step10 and saving it again, as a requeued finished
+    run does) and dying between setting the old copy aside and renaming the new one in: the next start puts a
+    complete copy back and resumes from it bit for bit."""
+    one_stage = [a for a in BASE if a != "parallel.pipeline=2"] + ["train.eval_interval=0"]
+    train(tmp_path / "straight", "train.steps=20", base=one_stage, nproc=1)     # global_step10, 20
+    ckpt = tmp_path / "straight" / "ckpt"
+    proc = train(tmp_path / "straight", "train.steps=10", "train.load_tag=global_step10", f"train.log_dir={tmp_path}",
+                 "faults.kill_in_publish_gap_at_step=10", base=one_stage, nproc=1, check=False)
+    assert proc.returncode == 137 and "killed while publishing global_step10" in proc.stdout, proc.stdout[-3000:]
+    assert not (ckpt / "global_step10").exists() and (ckpt / "latest").read_text() == "global_step10"
+    assert (ckpt / ".replaced-global_step10" / "manifest.json").is_file()
+    assert (ckpt / ".tmp-global_step10" / "manifest.json").is_file()
+
+    resumed = tmp_path / "resumed"
+    proc = train(tmp_path / "straight", "train.steps=20", f"train.log_dir={resumed}", base=one_stage, nproc=1)
+    assert "restored global_step10 from .tmp-global_step10, its complete copy" in proc.stdout
+    assert "deleted .replaced-global_step10" in proc.stdout
+    [resume] = events(resumed, "resume")
+    assert resume["tag"] == "global_step10"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(".")) == [".lock"]
+    straight = trajectory(tmp_path / "straight")
+    assert [trajectory(resumed)[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]
+
+
 def test_damaged_checkpoint_is_named_with_the_file_and_the_fix(tmp_path):
     one_stage = [a for a in BASE if a != "parallel.pipeline=2"]
     train(tmp_path, "train.steps=20", "faults.corrupt_checkpoint_at_step=20", base=one_stage, nproc=1)

@@ -1,12 +1,15 @@
 """Automatic divergence recovery in real 2-process runs (PP=2, ZeRO-1): an injected NaN and an injected loss
 spike are rolled back in-process to the last healthy checkpoint, the data window is skipped, the LR lowered,
 and the run finishes within 5% of an uninterrupted run's final validation loss; the changes survive a resume;
-a silent bad host is caught by the replica check; a divergence that keeps coming back exhausts the budget."""
+a silent bad host is caught by the replica check; a divergence that keeps coming back exhausts the budget.
+With the default thresholds, a spike while the demo's loss still falls steeply is caught, and clean runs
+raise no alarm."""
 import socket
 
 import pytest
 
-from fault_runs import BASE, STEPS, clean_run, events, final_eval_loss, train, trajectory
+from fault_runs import (BASE, STEPS, clean_run, demo_clean_run, demo_train, events, final_eval_loss, train,
+                        trajectory)
 
 
 def test_injected_nan_is_rolled_back_and_the_run_finishes(tmp_path):
@@ -81,3 +84,30 @@ def test_divergence_that_keeps_coming_back_exhausts_the_budget(tmp_path):
     assert [r["clip_grad"] for r in after_rollback] == [1.0, 0.3, 0.3], "clipping 1.0 -> 0.3 applied by the optimizer"
     assert events(tmp_path, "gave_up")
     assert "gave up" in (tmp_path / "incidents.md").read_text()
+
+
+def alarms(run_dir) -> list:
+    return [r for event in ("anomaly", "divergence", "recovery") for r in events(run_dir, event)]
+
+
+@pytest.mark.parametrize("run", [clean_run, demo_clean_run], ids=["tiny", "demo"])
+def test_clean_runs_raise_no_alarm_with_the_default_thresholds(run):
+    run_dir = run()
+    assert alarms(run_dir) == []
+    judged = [r["step"] for r in events(run_dir, "train") if "spike_threshold" in r]
+    assert judged and judged[0] <= 20, "spikes are judged from the early steps on"
+
+
+def test_demo_spike_while_the_loss_still_falls_is_caught_and_recovered(tmp_path):
+    """The demo's loss falls from 9.0 by ~0.15 a step when a 100x-LR update at step 14 throws it back up by
+    more than 1: detected at the next step with the default thresholds, rolled back to global_step10."""
+    clean = demo_clean_run()
+    demo_train(tmp_path, "faults.spike_at_step=14", timeout=1200)
+    [recovery] = events(tmp_path, "recovery")
+    assert recovery["step"] == 15 and recovery["restored"] == "global_step10"
+    assert [a["kind"] for a in recovery["anomalies"]] == ["loss_spike"]
+    clean_losses = trajectory(clean)
+    spiked = next(r["loss"] for r in events(tmp_path, "train") if r["step"] == 15)
+    assert clean_losses[10] - clean_losses[15] > 0.5, "the clean loss still falls steeply there"
+    assert spiked > clean_losses[15] + 1.0, "and the spike throws it back up"
+    assert abs(final_eval_loss(tmp_path) / final_eval_loss(clean) - 1) < 0.05

@@ -1,23 +1,23 @@
-"""Parameter counts computed from the model definition (meta device) match OPT's published sizes."""
+"""Parameter counts computed from the single-device model definition (meta device, no process group) match
+the analytic formulas and the published sizes (OPT: Hugging Face's checkpoints; LLaMA: Hugging Face's
+LlamaForCausalLM on the same config)."""
 import pytest
+import torch.distributed as dist
 
 from opt_ds.models.presets import PRESETS, analytic_parameter_count
-from opt_ds.parallel.layout import ParallelLayout
 from opt_ds.parallel.pipe import count_parameters
 
 PUBLISHED = {"opt-125m": 125_239_296, "opt-350m": 331_196_416, "opt-1.3b": 1_315_758_080,
-             "opt-2.7b": 2_651_596_800, "opt-6.7b": 6_658_473_984, "opt-13b": 12_853_473_280}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process_world():
-    ParallelLayout(1, 1, 1).initialize()
+             "opt-2.7b": 2_651_596_800, "opt-6.7b": 6_658_473_984, "opt-13b": 12_853_473_280,
+             "llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-33b": 32_528_943_616,
+             "llama-65b": 65_285_660_672, "llama2-70b": 68_976_648_192}
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_model_definition_matches_formula(name):
     shape = PRESETS[name].shape
     assert count_parameters(shape) == analytic_parameter_count(shape)
+    assert not dist.is_initialized(), "counting must not need a process group"
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

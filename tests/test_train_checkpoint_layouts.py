@@ -47,7 +47,9 @@ def test_full_checkpoint_at_another_layout_names_the_conversion(saved):
                   nproc=2, check=False, timeout=120)
     assert proc.returncode != 0
     assert "was saved at TP=2 x PP=2 x DP=1, this run is TP=1 x PP=1 x DP=2" in proc.stdout
-    assert "--to universal" in proc.stdout
+    ckpt = saved / "ckpt"
+    assert (f"opt-ds convert {ckpt} {ckpt}-universal --to universal` and train with train.load_dir={ckpt}-universal "
+            f"train.save_dir={ckpt}-tp1pp1") in proc.stdout, "a new save_dir: the run's own save_dir wins over load_dir"
 
 
 def test_checkpoint_of_another_model_is_refused(saved):
@@ -55,3 +57,10 @@ def test_checkpoint_of_another_model_is_refused(saved):
                   nproc=4, check=False, timeout=120)
     assert proc.returncode != 0
     assert "holds another model (num_layers: checkpoint 4, config 2)" in proc.stdout
+
+
+def test_opt_checkpoint_into_a_llama_config_is_refused(saved):
+    proc = opt_ds("train", "-", *ARGS, *TP2PP2, "model.family=llama", f"train.load_dir={saved / 'ckpt'}",
+                  nproc=4, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "holds a opt model and this config builds a llama model; set model.family=opt" in proc.stdout

@@ -13,20 +13,25 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opt_ds.config import ConfigError, ResolvedConfig, load_config
-from opt_ds.models.presets import OPTShape, get_preset
+from opt_ds.config.sections import ModelConfig
+from opt_ds.models.family import family_named, family_of, get_preset
+from opt_ds.models.llama.shape import LlamaShape
+from opt_ds.models.opt.shape import OPTShape
 
 # OPT trained with dropout 0.1; the named cases use 0.0 like the peer benchmark behind the reference
-# H100 numbers (training-recipe.md), so both sides of every comparison do the same work. `:dropout=0.1`
+# H100 numbers, so both sides of every comparison do the same work. `:dropout=0.1`
 # measures the recipe's setting.
 BENCH_DROPOUT = 0.0
 TINY_SHAPE = OPTShape(num_layers=4, hidden_size=64, num_heads=4, ffn_hidden_size=256, vocab_size=1024,
                       max_position_embeddings=128, dropout=BENCH_DROPOUT)
+TINY_LLAMA_SHAPE = LlamaShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=176,
+                              vocab_size=1024, max_position_embeddings=128)
 
 
 @dataclass(frozen=True)
 class BenchCase:
     name: str
-    shape: OPTShape
+    shape: object                   # a model family's shape (OPTShape, LlamaShape)
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
@@ -75,13 +80,11 @@ class BenchCase:
         return dataclasses.replace(self, precision="bf16" if cuda else "fp32")
 
     def config_overrides(self, steps: int = 10, seed: int = 1234) -> list:
-        s = self.shape
-        overrides = [
-            f"model.num_layers={s.num_layers}", f"model.hidden_size={s.hidden_size}",
-            f"model.num_heads={s.num_heads}", f"model.ffn_hidden_size={s.ffn_hidden_size}",
-            f"model.vocab_size={s.vocab_size}", f"model.max_position_embeddings={s.max_position_embeddings}",
-            f"model.pre_layer_norm={str(s.pre_layer_norm).lower()}",
-            f"model.dropout={s.dropout}", f"model.attention_dropout={s.attention_dropout}",
+        settable = {f.name for f in dataclasses.fields(ModelConfig)}
+        overrides = [f"model.family={family_of(self.shape).name}"] + [
+            f"model.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in dataclasses.asdict(self.shape).items()
+            if key in settable and key != "init_std" and value is not None] + [
             f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}", f"parallel.data={self.data}",
             f"parallel.activation_checkpoint_interval={self.ac_interval}",
             f"batch.micro_batch_size={self.micro_batch}", f"batch.global_batch_size={self.global_batch}",
@@ -90,8 +93,6 @@ class BenchCase:
             "optimizer.schedule=constant", "optimizer.lr=1.0e-4",
             f"train.steps={steps}", f"train.seed={seed}",
         ]
-        if s.word_embed_proj_dim is not None:
-            overrides.append(f"model.word_embed_proj_dim={s.word_embed_proj_dim}")
         return overrides
 
     def config(self, world_size: Optional[int] = None, steps: int = 10) -> ResolvedConfig:
@@ -102,19 +103,20 @@ class BenchCase:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["shape"] = dataclasses.asdict(self.shape)
+        data["family"] = family_of(self.shape).name
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "BenchCase":
         data = dict(data)
-        data["shape"] = OPTShape(**data["shape"])
+        data["shape"] = family_named(data.pop("family", "opt")).shape_type(**data["shape"])
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _preset_shape(name: str, **changes) -> OPTShape:
+def _preset_shape(name: str, **changes):
     return get_preset(name).shape.replace(dropout=BENCH_DROPOUT, **changes)
 
 
@@ -135,6 +137,9 @@ NAMED_CASES = {c.name: c for c in [
     _preset_case("opt-6.7b", tensor=2, micro_batch=2, ac_interval=1, note="TP=2 as OPT trained it; 2 GPUs"),
     BenchCase("175b-slice", _preset_shape("opt-175b", num_layers=4), tensor=8, micro_batch=1, ac_interval=1,
               note="4 layers of OPT-175B at OPT's TP=8 (one 8-GPU node); on one GPU use 175b-slice:tp=1,layers=1"),
+    BenchCase("tiny-llama", TINY_LLAMA_SHAPE, micro_batch=2, seq=64, note="CPU, LLaMA with GQA"),
+    BenchCase("llama-65b-layer", _preset_shape("llama-65b", num_layers=1), micro_batch=1, ac_interval=1,
+              note="one LLaMA-65B layer with its embedding and head, one GPU"),
 ]}
 
 # `name:key=value` keys and the BenchCase field each sets (layers and dropout change the shape).

@@ -5,6 +5,8 @@ beside Hugging Face peers, sweep micro-batch × activation checkpointing, and pr
   opt-ds bench opt-1.3b opt-2.7b:mb=2,ac=1        GPU cases; `name:key=value,...` adjusts one case
   opt-ds bench opt-1.3b --sweep                   micro-batch × checkpoint-interval grid, fastest first
   opt-ds bench --project                          OPT-175B on 992 A100s, assumptions and sensitivity
+  opt-ds bench --project --project-run bloom-176b a published run, predicted beside published
+  opt-ds bench --project-published                every published run: predicted / published
   torchrun --nproc_per_node 8 -m opt_ds bench 175b-slice   one case under your own launcher
 
 Case keys: tp pp dp mb gas seq precision ac layers dropout compile peer. Reports go to --out:
@@ -13,7 +15,6 @@ results.jsonl (appended), table.txt, tflops.png, projection-<hardware>.txt, work
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import itertools
 import json
@@ -22,8 +23,8 @@ import sys
 from pathlib import Path
 
 from opt_ds.bench.cases import NAMED_CASES, PRECISIONS, BenchCase, parse_case, with_changes
+from opt_ds.bench.project_cli import add_projection_arguments, projection_inputs_from
 from opt_ds.config import ConfigError
-from opt_ds.parallel.layout import shutdown_distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,26 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--sweep", action="store_true", help="run each case over the micro-batch × AC grid")
     sweep.add_argument("--sweep-micro-batch", default="1,2,4,8")
     sweep.add_argument("--sweep-ac", default="0,1", help="activation checkpoint intervals")
-    proj = parser.add_argument_group("projection of a large run (see docs/bench.md)")
-    proj.add_argument("--project", action="store_true", help="print the projection (cases run only if named)")
-    proj.add_argument("--project-model", default="opt-175b", help="preset or case name")
-    proj.add_argument("--project-hardware", default="a100-80gb", help="a100-80gb | h100-sxm")
-    proj.add_argument("--project-gpus", type=int, default=992)
-    proj.add_argument("--project-tp", type=int, default=8)
-    proj.add_argument("--project-pp", type=int, default=4)
-    proj.add_argument("--project-micro-batch", type=int, default=1)
-    proj.add_argument("--project-global-batch", type=int, default=1024, help="target sequences per step")
-    proj.add_argument("--project-no-recompute", action="store_true", help="project without activation checkpointing")
-    proj.add_argument("--layer-ms", type=float,
-                      help="measured compute of one layer's TP shard per micro-batch (fwd+bwd[+recompute]), ms")
-    proj.add_argument("--measure-layer", action="store_true",
-                      help="measure the model's decoder layer on this device and use it (÷ TP)")
-    proj.add_argument("--gemm-efficiency", type=float)
-    proj.add_argument("--nvlink-gbps", type=float, help="NVLink all-reduce bus bandwidth, GB/s")
-    proj.add_argument("--ib-gbps", type=float, help="InfiniBand bandwidth per GPU, GB/s")
-    proj.add_argument("--dp-bytes-per-param", type=float)
-    proj.add_argument("--dp-overlap", type=float)
-    proj.add_argument("--tp-overlap", type=float)
+    add_projection_arguments(parser)
 
 
 def run(args) -> int:
@@ -84,9 +66,23 @@ def run(args) -> int:
     if args.list:
         print(list_cases())
         return 0
+    if args.project_published:
+        from opt_ds.bench.published import format_comparison
+        print(format_comparison())
+        return 0
+    check_measurement(args)
     if _launched():
         return run_launched(args)
     return run_driver(args)
+
+
+def check_measurement(args) -> None:
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps} must be >= 1: the timed steps whose median is reported, e.g. 10")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup {args.warmup} must be >= 0: untimed steps before the timed ones, e.g. 3")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout} must be > 0: seconds per case before it is killed, e.g. 1800")
 
 
 # --- cases ---------------------------------------------------------------------------------------------
@@ -118,12 +114,35 @@ def resolve_cases(specs: list, changes: dict, cuda: bool, gpus: int) -> list:
     """Parse, resolve precision and validate every case before anything runs."""
     cases = [parse_case(spec, changes).resolve_precision(cuda) for spec in specs]
     for case in cases:
-        case.config()                   # raises ConfigError naming the bad key
+        resolved = case.config()        # raises ConfigError naming the bad key
+        if not cuda:
+            check_fits_in_memory(case, resolved)
         if cuda and case.world_size > gpus:
             raise ConfigError(f"case {case.label()} needs {case.world_size} GPUs ({case.layout}) but {gpus} "
                               f"{'is' if gpus == 1 else 'are'} visible; shrink its layout (e.g. "
                               f"{case.name}:tp=1,pp=1,dp=1) or run on a larger machine")
     return cases
+
+
+TRAINING_BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and Adam's two moments (activations extra)
+
+
+def _available_memory_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits_in_memory(case, resolved) -> None:
+    """On a CPU, refuse up front a case whose training state alone exceeds the free memory (a GPU-sized case
+    would otherwise swap or be killed after minutes)."""
+    from opt_ds.models.presets import analytic_parameter_count
+    parameters = analytic_parameter_count(resolved.shape)
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    available = _available_memory_bytes()
+    if needed > available:
+        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU "
+                          f"({parameters / 1e9:.2f}B parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
+                          f"activations extra) but {available / 2 ** 30:.1f} GiB are free; it is a GPU case: run it "
+                          "on a GPU machine (opt_ds/bench/gpu_session.sh) or choose a CPU case (tiny, tiny-pp2)")
 
 
 def sweep_variants(cases: list, micro_batches: str, intervals: str) -> list:
@@ -226,6 +245,7 @@ def run_launched(args) -> int:
     from opt_ds.bench.metrics import derive
     from opt_ds.bench.suite import Suite, SuiteOptions
     from opt_ds.bench.worker import measure_case
+    from opt_ds.parallel.layout import shutdown_distributed
 
     if len(args.cases) != 1 or args.sweep or args.project:
         raise ConfigError("under a launcher, opt-ds bench runs exactly one CASE (no --sweep, --project or peers); "
@@ -256,38 +276,13 @@ def _command_line() -> str:
 
 # --- projection ---------------------------------------------------------------------------------------
 
-def projection_inputs_from(args):
-    from opt_ds.bench.project import CLUSTERS, ProjectionInputs
-    from opt_ds.models.presets import PRESETS
-
-    if args.project_hardware not in CLUSTERS:
-        raise ConfigError(f"--project-hardware {args.project_hardware!r}: choose one of {', '.join(CLUSTERS)}")
-    if args.project_model in PRESETS:
-        shape, name = PRESETS[args.project_model].shape, args.project_model.upper()
-    elif args.project_model in NAMED_CASES:
-        shape, name = NAMED_CASES[args.project_model].shape, args.project_model
-    else:
-        raise ConfigError(f"--project-model {args.project_model!r}: choose a preset ({', '.join(PRESETS)}) "
-                          f"or a case ({', '.join(NAMED_CASES)})")
-    cluster = CLUSTERS[args.project_hardware]
-    if args.nvlink_gbps is not None:
-        cluster = dataclasses.replace(cluster, nvlink_busbw_gb_s=args.nvlink_gbps)
-    if args.ib_gbps is not None:
-        cluster = dataclasses.replace(cluster, ib_gb_s_per_gpu=args.ib_gbps)
-    knobs = {k: v for k, v in (("gemm_efficiency", args.gemm_efficiency), ("dp_bytes_per_param", args.dp_bytes_per_param),
-                               ("dp_overlap", args.dp_overlap), ("tp_overlap", args.tp_overlap)) if v is not None}
-    inputs = ProjectionInputs(shape=shape, model_name=name, seq=args.seq or 2048, gpus=args.project_gpus,
-                              tensor=args.project_tp, pipeline=args.project_pp,
-                              micro_batch=args.project_micro_batch, global_batch=args.project_global_batch,
-                              recompute=not args.project_no_recompute, cluster=cluster, **knobs)
-    if args.layer_ms is not None:
-        inputs = inputs.replace(layer_ms=args.layer_ms, layer_source="given with --layer-ms")
-    return inputs
-
-
 def check_layer_measurable(inputs, cuda: bool) -> None:
     from opt_ds.models.flops import layer_flops_per_token
+    from opt_ds.models.shape import to_opt
 
+    if to_opt(inputs.shape) is None:
+        raise ConfigError("--measure-layer times opt_ds's OPT decoder layer; this shape is not an OPT shape "
+                          "(pass a measured --layer-ms instead)")
     work = inputs.micro_batch * inputs.seq * layer_flops_per_token(inputs.shape, inputs.seq)
     if not cuda and work > 5e11:
         raise ConfigError(f"measuring a {inputs.model_name} layer on the CPU would take minutes; run "
@@ -296,29 +291,50 @@ def check_layer_measurable(inputs, cuda: bool) -> None:
 
 def run_projection(args, suite, inputs, cuda: bool) -> None:
     from opt_ds.bench import report
+    from opt_ds.bench.hardware import hardware_key
     from opt_ds.bench.project import format_projection, project, sensitivity
+    from opt_ds.bench.published import RUNS
 
     if args.measure_layer:
-        layer_case = BenchCase("layer", inputs.shape, micro_batch=inputs.micro_batch, seq=inputs.seq,
-                               precision=args.precision or "auto").resolve_precision(cuda)
-        raw = suite.launch("layer", layer_case, extra=["--recompute"] if inputs.recompute else [])
-        if "error" in raw:
-            raise ConfigError(f"--measure-layer failed ({raw['error']}):\n{raw['log_tail'][-2000:]}")
-        inputs = inputs.replace(
-            layer_ms=raw["layer_ms"] / inputs.tensor,
-            layer_source=(f"{raw['layer_ms']:.3f} ms for the full-width layer ({raw['layer_tflops']:.3g} TFLOP/s, "
-                          f"{layer_case.precision}) on {raw['device']} ÷ TP {inputs.tensor}: assumes a TP shard "
-                          f"runs at the full layer's efficiency"))
+        inputs = _with_measured_layer(args, suite, inputs, cuda)
     base, rows = project(inputs), sensitivity(inputs)
     text = format_projection(base, rows)
-    print("\n" + text)
-    report.write_atomic(args.out / f"projection-{args.project_hardware}.txt", text + "\n")
     record = {"kind": "projection", "run_id": suite.run_id, "command": suite.context["command"],
-              "git_commit": suite.context["git_commit"], "layout": {"tensor": inputs.tensor,
-              "pipeline": inputs.pipeline, "data": base.data}, "gpus": inputs.gpus, "cluster": inputs.cluster.name,
+              "git_commit": suite.context["git_commit"], "model": inputs.model_name, "shape": inputs.shape.spec(),
+              "layout": {"tensor": inputs.tensor, "pipeline": inputs.pipeline, "data": base.data,
+                         "zero_stage": inputs.zero_stage},
+              "gpus": inputs.gpus, "hardware": inputs.hardware.name,
               "layer_ms": inputs.layer_ms, "layer_source": inputs.layer_source,
               "times_s": base.times, "tflops": {k: v for k, (_, v) in base.tflops.items()},
               "tokens_per_s_per_gpu": base.tokens_per_s_per_gpu,
               "sensitivity": {label: p.hardware_tflops for label, p in rows}}
+    run = RUNS.get(args.project_run) or next((r for r in RUNS.values() if r.inputs.shape == inputs.shape), None)
+    if run is not None:
+        value = run.predicted(base)
+        same = "" if args.project_run else f" (that run's own layout: --project-run {run.name})"
+        ratio = value / run.published
+        text += (f"\n\nvs published ({run.source}){same}: predicted {value:.1f} / published {run.published:g} "
+                 f"{run.unit} = {ratio:.3f}, {'within' if abs(ratio - 1) <= 0.15 else 'outside'} ±15 %")
+        record["published"] = {"run": run.name, "value": run.published, "convention": run.convention,
+                               "predicted": value}
+    print("\n" + text)
+    report.write_atomic(args.out / f"projection-{hardware_key(inputs.hardware)}.txt", text + "\n")
     with open(args.out / report.RESULTS, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _with_measured_layer(args, suite, inputs, cuda: bool):
+    from opt_ds.models.shape import to_opt
+
+    opt_shape = to_opt(inputs.shape)
+    layer_case = BenchCase("layer", opt_shape, micro_batch=inputs.micro_batch, seq=inputs.seq,
+                           precision=args.precision or "auto").resolve_precision(cuda)
+    recompute = inputs.recompute == "full"
+    raw = suite.launch("layer", layer_case, extra=["--recompute"] if recompute else [])
+    if "error" in raw:
+        raise ConfigError(f"--measure-layer failed ({raw['error']}):\n{raw['log_tail'][-2000:]}")
+    return inputs.replace(
+        layer_ms=raw["layer_ms"] / inputs.tensor,
+        layer_source=(f"{raw['layer_ms']:.3f} ms for the full-width layer ({raw['layer_tflops']:.3g} TFLOP/s, "
+                      f"{layer_case.precision}) on {raw['device']} ÷ TP {inputs.tensor}: assumes a TP shard "
+                      f"runs at the full layer's efficiency"))

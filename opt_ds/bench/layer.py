@@ -1,7 +1,7 @@
 """Forward + backward time of one real opt_ds decoder layer: the input of the large-run projection.
 
-The layer is opt_ds's own `OPTDecoderLayer` (megatron-core TP layers at TP=1, SDPA attention) at the
-case's full width, run on a [micro-batch, seq, hidden] activation. With `recompute` the forward runs
+The layer is the model family's own decoder layer (megatron-core TP layers at TP=1, SDPA attention) at
+the case's full width, run on a [micro-batch, seq, hidden] activation. With `recompute` the forward runs
 once more inside backward (torch.utils.checkpoint), which is what activation checkpointing costs.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def measure_layer(case: BenchCase, recompute: bool, steps: int, warmup: int) -> dict:
     from torch.utils.checkpoint import checkpoint
 
-    from opt_ds.models.opt import OPTDecoderLayer
+    from opt_ds.models.family import family_of
     from opt_ds.parallel.layout import ParallelLayout
     from opt_ds.parallel.pipe import seed_all
 
@@ -28,7 +28,8 @@ def measure_layer(case: BenchCase, recompute: bool, steps: int, warmup: int) -> 
     seed_all(1234)
     dtype = DTYPES[case.precision]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    layer = OPTDecoderLayer(case.shape, layout.megatron_config(params_dtype=dtype)).to(device).train()
+    layer = family_of(case.shape).decoder_layer(case.shape, layout.megatron_config(params_dtype=dtype),
+                                                layout.tensor_group()).to(device).train()
     shape = (case.micro_batch, case.seq, case.shape.hidden_size)
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(shape, device=device, dtype=dtype)

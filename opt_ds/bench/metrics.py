@@ -48,7 +48,7 @@ def derive(raw: dict, peak_override: Optional[float] = None) -> dict:
     model = tflops["model"]["tflops_per_gpu"]
     row.update({
         "status": "ok", "steps": raw["steps"], "warmup": raw["warmup"],
-        "step_time_s": step_s, "step_times_s": raw["step_times_s"],
+        "step_time_s": step_s, "step_times_s": raw["step_times_s"], **step_spread(raw["step_times_s"]),
         "tokens_per_step": tokens, "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,
         "recomputed_layers": raw["recomputed_layers"],
         "tflops": tflops,
@@ -84,3 +84,14 @@ def add_peer_ratios(rows: list) -> None:
 def peer_key(row: dict) -> tuple:
     """Rows with equal keys did the same work per device (see BenchCase.peer_key)."""
     return BenchCase.from_dict(row["case_spec"]).peer_key()
+
+
+NOISY_SPREAD = 0.2      # (slowest - fastest) / median step above this: the measurement is noisy
+
+
+def step_spread(seconds: list) -> dict:
+    """Min, median and max of the timed steps, and whether they disagree enough to distrust the median."""
+    fastest, slowest, middle = min(seconds), max(seconds), median(seconds)
+    spread = (slowest - fastest) / middle
+    return {"step_time_min_s": fastest, "step_time_max_s": slowest, "step_time_spread": spread,
+            "noisy": spread > NOISY_SPREAD}

@@ -1,6 +1,7 @@
-"""The peer a user would pick instead: Hugging Face `OPTForCausalLM` on the same shape, batch and precision.
+"""The peer a user would pick instead: Hugging Face's model of the family (`OPTForCausalLM`,
+`LlamaForCausalLM`) on the same shape, batch and precision.
 
-Two ways to train it, measured like ../shared/tools/hf_peer_bench.py does on one device:
+Two ways to train it, measured as a plain training script would on one device:
   hf            plain PyTorch step: bf16/fp16 autocast on GPU (fp32 on CPU), AdamW, gradient clipping
   hf-deepspeed  the same model inside a DeepSpeed ZeRO-1 engine with opt_ds's own DeepSpeed config
                 (bf16 weights, fp32 gradient accumulation), so only the model and pipeline code differ
@@ -27,18 +28,9 @@ def single_device(case: BenchCase) -> BenchCase:
 
 
 def build_hf_model(case: BenchCase, device: torch.device):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    s = case.shape
-    config = OPTConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
-                       ffn_dim=s.ffn_hidden_size, num_attention_heads=s.num_heads,
-                       max_position_embeddings=s.max_position_embeddings, word_embed_proj_dim=s.embed_dim,
-                       do_layer_norm_before=s.pre_layer_norm, dropout=s.dropout,
-                       attention_dropout=s.attention_dropout, activation_dropout=0.0, init_std=s.init_std,
-                       use_cache=False, tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
+    from opt_ds.models.family import family_of
     with device:
-        model = OPTForCausalLM(config)
+        model = family_of(case.shape).hf_model(case.shape)
     if case.ac_interval > 0:
         model.gradient_checkpointing_enable()
     return model.train()

@@ -85,7 +85,10 @@ def formulas(rows: list) -> str:
         step = row["step_time_s"]
         out.append(f"{row['case']} / {row['impl']} ({row['layout']['world_size']} rank(s), "
                    f"B={row['global_batch']} sequences × s={row['seq']} per step, median step {step:.4g} s "
-                   f"of {row['steps']} after {row['warmup']} warm-up):")
+                   f"of {row['steps']} after {row['warmup']} warm-up; min {row['step_time_min_s']:.4g} s, max "
+                   f"{row['step_time_max_s']:.4g} s" + (f"; NOISY: the steps differ by {row['step_time_spread']:.0%} "
+                                                       "of the median, rerun on an idle machine or with more "
+                                                       "--steps" if row["noisy"] else "") + "):")
         out.append(f"  tokens/s = B·s / step = {row['global_batch']}·{row['seq']} / {step:.4g} = "
                    f"{_num(row['tokens_per_s'])}  ({_num(row['tokens_per_s_per_gpu'])} per GPU)")
         for key, value in row["tflops"].items():

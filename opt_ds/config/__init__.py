@@ -14,9 +14,9 @@ from opt_ds.config.loading import apply_overrides, build_dataclass, load_config
 from opt_ds.config.resolve import ResolvedConfig, resolve
 from opt_ds.config.sections import (BatchConfig, BlendEntry, CheckpointConfig, ConfigError, DataConfig, FaultsConfig,
                                     HealthConfig, ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig,
-                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig)
+                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig, WandbConfig)
 
 __all__ = ["BatchConfig", "BlendEntry", "CheckpointConfig", "ConfigError", "DataConfig", "FaultsConfig",
            "HealthConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RecoveryConfig",
-           "ResolvedConfig", "RunConfig", "SampleConfig", "TrainConfig", "apply_overrides", "build_dataclass",
-           "deepspeed_config", "load_config", "merge_deepspeed_json", "resolve"]
+           "ResolvedConfig", "RunConfig", "SampleConfig", "TrainConfig", "WandbConfig", "apply_overrides",
+           "build_dataclass", "deepspeed_config", "load_config", "merge_deepspeed_json", "resolve"]

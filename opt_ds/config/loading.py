@@ -75,12 +75,41 @@ def build_dataclass(cls, values, where: str = ""):
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str):
+def _key_type(dotted: list):
+    """The annotation of a dotted key of RunConfig (e.g. ["sample", "prompt"] -> Optional[str]); None when the
+    path is not a key (build_dataclass then reports it with a suggestion)."""
+    cls = RunConfig
+    annotation = None
+    for key in dotted:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if key not in hints:
+            return None
+        annotation = hints[key]
+        cls = _without_none(annotation)
+    return annotation
+
+
+def _without_none(annotation):
+    if typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def parse_override_value(dotted: list, text: str):
+    """A string key takes the text as written (`sample.prompt=Q: What` is the string "Q: What", not a YAML
+    mapping); `null` or `~` clear an optional string. Every other key's value is parsed as YAML, which its
+    type needs (numbers, booleans, lists such as data.train=[{path: corpus}])."""
+    annotation = _key_type(dotted)
+    if annotation is not None and _without_none(annotation) is str:
+        optional = annotation is not str
+        return None if optional and text in ("null", "~") else text
     return yaml.safe_load(text) if text != "" else ""
 
 
 def apply_overrides(raw: dict, overrides) -> dict:
-    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict."""
+    """Apply `section.key=value` strings to a nested dict (values parsed by parse_override_value)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
@@ -91,7 +120,12 @@ def apply_overrides(raw: dict, overrides) -> dict:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = _parse_scalar(text)
+        try:
+            node[keys[-1]] = parse_override_value(keys, text)
+        except yaml.YAMLError as err:
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({reason}); quote it for the "
+                              "shell, e.g. 'data.train=[{path: corpus}]'") from None
     return raw
 
 
@@ -106,7 +140,7 @@ def load_config(path=None, overrides=(), world_size: Optional[int] = None) -> "R
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, parallel:, ...)")
         if isinstance(raw.get("deepspeed"), str) and not Path(raw["deepspeed"]).is_absolute():

@@ -6,15 +6,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opt_ds.config.deepspeed_json import deepspeed_config, merge_deepspeed_json
+from opt_ds.config.ranges import check_ranges
 from opt_ds.config.sections import ConfigError, RunConfig
-from opt_ds.models.presets import OPTShape
+from opt_ds.models.family import family_of
 
 
 @dataclass(frozen=True)
 class ResolvedConfig:
     """A validated RunConfig plus everything derived from it once."""
     run: RunConfig
-    shape: OPTShape
+    shape: object                   # the model family's shape dataclass
     tensor: int
     pipeline: int
     data: int
@@ -31,12 +32,10 @@ class ResolvedConfig:
 
 
 def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
+    check_ranges(run)
     shape = run.model.shape()
     par, batch = run.parallel, run.batch
     tp, pp = par.tensor, par.pipeline
-    for name, value in (("parallel.tensor", tp), ("parallel.pipeline", pp)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
     if shape.hidden_size % shape.num_heads:
         raise ConfigError(f"model.hidden_size {shape.hidden_size} is not divisible by model.num_heads "
                           f"{shape.num_heads}")
@@ -44,24 +43,19 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
         raise ConfigError(f"model.num_heads {shape.num_heads} is not divisible by parallel.tensor {tp}; "
                           f"choose a tensor-parallel degree that divides the heads "
                           f"({', '.join(str(d) for d in range(1, shape.num_heads + 1) if shape.num_heads % d == 0)})")
-    if shape.ffn_hidden_size % tp:
-        raise ConfigError(f"model.ffn_hidden_size {shape.ffn_hidden_size} is not divisible by parallel.tensor {tp}")
+    for field, value in family_of(shape).tensor_parallel_divisors(shape).items():
+        if field not in ("num_heads", "vocab_size") and value % tp:
+            raise ConfigError(f"model.{field} {value} is not divisible by parallel.tensor {tp}; choose a "
+                              f"tensor-parallel degree that divides it")
     if shape.vocab_size % tp:
         raise ConfigError(f"model.vocab_size {shape.vocab_size} is not divisible by parallel.tensor {tp}; "
                           f"pad the vocabulary to a multiple of {tp} (OPT's 50272 divides 1, 2, 4, 8, 16, 32)")
     if shape.num_layers < pp:
         raise ConfigError(f"model.num_layers {shape.num_layers} is fewer than parallel.pipeline {pp} stages; "
                           f"use at most {shape.num_layers} pipeline stages")
-    if par.zero_stage not in (0, 1):
-        raise ConfigError(f"parallel.zero_stage {par.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
-                          "stage 0 or 1 only")
-    if par.activation_checkpoint_interval < 0:
-        raise ConfigError("parallel.activation_checkpoint_interval must be >= 0")
 
     dp = _data_parallel_degree(par.data, tp, pp, world_size)
     micro, global_batch = batch.micro_batch_size, batch.global_batch_size
-    if micro < 1 or global_batch < 1:
-        raise ConfigError("batch.micro_batch_size and batch.global_batch_size must be >= 1")
     if batch.gradient_accumulation_steps is not None:
         gas = batch.gradient_accumulation_steps
         if micro * gas * dp != global_batch:
@@ -78,14 +72,12 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
     if batch.seq_length > shape.max_position_embeddings:
         raise ConfigError(f"batch.seq_length {batch.seq_length} exceeds model.max_position_embeddings "
                           f"{shape.max_position_embeddings}")
-    if run.precision.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision.dtype {run.precision.dtype!r}: choose fp32, bf16 or fp16")
-    if run.data.synthetic not in ("random", "arithmetic"):
-        raise ConfigError(f"data.synthetic {run.data.synthetic!r}: choose random or arithmetic")
-    if run.optimizer.schedule not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"optimizer.schedule {run.optimizer.schedule!r}: choose linear, cosine or constant")
     if len(run.optimizer.betas) != 2:
-        raise ConfigError(f"optimizer.betas must be two numbers, got {run.optimizer.betas}")
+        raise ConfigError(f"optimizer.betas must be two numbers, got {run.optimizer.betas}; e.g. "
+                          "optimizer.betas=[0.9, 0.95]")
+    if run.data.train == []:
+        raise ConfigError("data.train is empty: list the datasets to train on (- path: PREFIX, weight: 1.0), or "
+                          "drop data.train to train on synthetic tokens (data.synthetic)")
     _check_fault_tolerance(run, tp * pp * dp)
     resolved = ResolvedConfig(run, shape, tp, pp, dp, gas)
     resolved.deepspeed_config()         # a disagreeing DeepSpeed JSON fails now, not at engine start
@@ -96,33 +88,16 @@ FAULT_INJECTION_ENV = "OPT_DS_FAULT_INJECTION"
 
 
 def _check_fault_tolerance(run: RunConfig, world_size: int) -> None:
-    health, recovery, ckpt = run.health, run.recovery, run.checkpoint
-    if health.spike_factor <= 1.0:
-        raise ConfigError(f"health.spike_factor {health.spike_factor} must be > 1 (a spike is a loss this many "
-                          "times the recent mean; e.g. 1.5)")
-    if health.ewm_window < 1 or health.spike_warmup_steps < 0 or health.spike_patience < 1:
-        raise ConfigError("health.ewm_window and health.spike_patience must be >= 1, health.spike_warmup_steps >= 0")
-    if health.min_loss_scale <= 0 or health.replica_norm_ratio <= 1.0:
-        raise ConfigError("health.min_loss_scale must be > 0 and health.replica_norm_ratio > 1")
-    if not 0.0 < recovery.lr_factor <= 1.0:
-        raise ConfigError(f"recovery.lr_factor {recovery.lr_factor} must be in (0, 1]: the peak LR is multiplied "
-                          "by it at every rollback (1 keeps the LR)")
-    if recovery.max_retries < 0:
-        raise ConfigError("recovery.max_retries must be >= 0")
-    if recovery.clip_grad is not None and recovery.clip_grad <= 0:
-        raise ConfigError(f"recovery.clip_grad {recovery.clip_grad} must be > 0 (or null to keep optimizer.clip_grad)")
-    if ckpt.keep_last < 0 or ckpt.keep_every < 0:
-        raise ConfigError("checkpoint.keep_last and checkpoint.keep_every must be >= 0 (0: keep all / off)")
-    if ckpt.verify not in ("sha256", "size", "none"):
-        raise ConfigError(f"checkpoint.verify {ckpt.verify!r}: choose sha256, size or none")
+    health = run.health
+    if health.spike_warmup_steps > health.spike_window:
+        raise ConfigError(f"health.spike_warmup_steps {health.spike_warmup_steps} exceeds health.spike_window "
+                          f"{health.spike_window}: the window must hold the losses the warm-up waits for; raise "
+                          "the window or lower the warm-up")
     armed = run.faults.armed()
     if armed and os.environ.get(FAULT_INJECTION_ENV) != "1":
         raise ConfigError(f"faults: {', '.join(f'{k}={v}' for k, v in armed.items())} would deliberately break this "
                           f"run; fault injection is for tests and is armed only when the environment sets "
                           f"{FAULT_INJECTION_ENV}=1. Remove the faults section from this config")
-    for name, step in armed.items():
-        if step < 1:
-            raise ConfigError(f"faults.{name} must be a step >= 1, got {step}")
     if not -world_size <= run.faults.rank < world_size:
         raise ConfigError(f"faults.rank {run.faults.rank} is not a rank of this {world_size}-process world")
 

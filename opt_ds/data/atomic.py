@@ -13,12 +13,22 @@ def _umask() -> int:
     return mask
 
 
-def staging_dir(final: Path) -> Path:
-    """A fresh empty directory beside `final` (same file system, so renaming it into place is atomic)."""
+def staging_dir(final: Path, label: str = "") -> Path:
+    """A fresh empty directory beside `final` (same file system, so renaming it into place is atomic), named
+    `.<final name>.<label>XXXX`, with the permissions the user's umask gives a new directory."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    path = tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)
+    path = tempfile.mkdtemp(prefix=f".{final.name}.{label}", dir=final.parent)
     os.chmod(path, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the result from other users
     return Path(path)
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a new file or folder gets under the user's umask (some
+    writers, e.g. safetensors, create private 0600 files)."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add the bundled public-domain corpus (18 Shakespeare plays, 2.4 MB) to the inputs")
     parser.add_argument("--output-prefix", required=True, help="write PREFIX.bin, PREFIX.idx, ...")
     tok = parser.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer", metavar="opt|DIR",
-                     help="'opt' (OPT's GPT-2 BPE, bundled) or a directory with vocab.json + merges.txt")
+    tok.add_argument("--tokenizer", metavar="opt|PATH",
+                     help="'opt' (OPT's GPT-2 BPE, bundled), a Hugging Face tokenizer.json (e.g. LLaMA's), or a "
+                          "directory with tokenizer.json or vocab.json + merges.txt")
     tok.add_argument("--vocab-size", type=int, metavar="N",
                      help="train a byte-level BPE of N entries on the (deduplicated) corpus instead")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text (default: text)")

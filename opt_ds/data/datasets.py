@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from opt_ds.data.files import DatasetFiles
+from opt_ds.data.integrity import check_pair, max_token_id
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
-from opt_ds.data.tokenizer import EOS_ID, PAD_ID, BPETokenizer, TokenizerError, tokenizer_files
+from opt_ds.data.tokenizer import EOS_ID, PAD_ID, TokenizerError, open_tokenizer_dir
 from opt_ds.errors import UserError
 
 _SPLIT = re.compile(r"^\s*\d+(\.\d*)?(\s*,\s*\d+(\.\d*)?){0,2}\s*$")
@@ -89,9 +90,9 @@ def corpus_stats(prefix: str | os.PathLike) -> CorpusStats:
     return CorpusStats(len(indexed), int(np.sum(indexed.sequence_lengths, dtype=np.int64)))
 
 
-def dataset_tokenizer(prefix: str | os.PathLike) -> BPETokenizer:
+def dataset_tokenizer(prefix: str | os.PathLike):
     """The tokenizer `opt-ds preprocess` saved beside the dataset at `prefix` (to decode its samples)."""
-    return BPETokenizer(*tokenizer_files(DatasetFiles.of(prefix).tokenizer))
+    return open_tokenizer_dir(DatasetFiles.of(prefix).tokenizer)
 
 
 def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq_length: int, seed: int,
@@ -106,14 +107,10 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
 
     `cache_dir` defaults to `index-cache/` beside the first corpus. `vocab_size` is the model's vocabulary
     (checked to hold the corpora's tokenizer); by default the size of the tokenizer saved with the corpora."""
-    prefixes, weights = _check_blend(blend)
-    shares = _check_split(split)
     if seq_length < 1 or num_train_samples < 1 or num_valid_samples < 0:
         raise DataError(f"need seq_length >= 1, num_train_samples >= 1, num_valid_samples >= 0; got "
                         f"{seq_length}, {num_train_samples}, {num_valid_samples}")
-    want_valid = num_valid_samples > 0 and shares[1] > 0
-    _check_documents_per_split(prefixes, shares, want_valid)
-    vocab_size = _check_tokenizers(prefixes, vocab_size)
+    prefixes, weights, want_valid, vocab_size = check_corpora(blend, split, num_valid_samples, vocab_size)
     cache_dir = Path(cache_dir if cache_dir is not None else Path(prefixes[0]).parent / "index-cache").absolute()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +203,17 @@ def _blend(megatron, prefixes: list[str], weights: list[float], shares: list[flo
     return megatron.build(megatron.BlendedDataset, datasets, normalized, size, config)
 
 
+def check_corpora(blend, split: str, num_valid_samples: int, vocab_size: int | None = None) -> tuple:
+    """Everything build_datasets checks before megatron reads a file, cheap enough to run before the engine
+    is built: every corpus exists, its .bin/.idx pair is whole and one pair, the split leaves each part
+    documents, and the token ids fit `vocab_size`. Returns (prefixes, weights, want_valid, vocab_size)."""
+    prefixes, weights = _check_blend(blend)
+    shares = _check_split(split)
+    want_valid = num_valid_samples > 0 and shares[1] > 0
+    _check_documents_per_split(prefixes, shares, want_valid)
+    return prefixes, weights, want_valid, _check_tokenizers(prefixes, vocab_size)
+
+
 class _process_group:
     """megatron's BlendedDataset asks torch.distributed for the rank when it writes its cache, even in a
     single process. Without a caller's process group, build inside a private one-process gloo group."""
@@ -240,6 +248,7 @@ def _check_blend(blend) -> tuple[list[str], list[float]]:
         if not (weight > 0 and np.isfinite(weight)):
             raise DataError(f"blend weight {weight} of {prefix} must be a positive number")
         _require_dataset(prefix)
+        check_pair(prefix)
         prefixes.append(str(Path(prefix).absolute()))  # megatron's cache key holds the path
         weights.append(weight)
     return prefixes, weights
@@ -273,13 +282,17 @@ def _check_tokenizers(prefixes: list[str], vocab_size: int | None) -> int:
     for prefix in prefixes:
         try:
             tokenizer = dataset_tokenizer(prefix)
-        except TokenizerError:
-            continue  # made by another tool: nothing to compare
+        except TokenizerError:      # made by another tool, or its tokenizer folder was not copied
+            if vocab_size is not None and (largest := max_token_id(prefix)) >= vocab_size:
+                raise DataError(f"{prefix} holds token id {largest}, beyond vocab_size={vocab_size} (ids 0.."
+                                f"{vocab_size - 1}); raise model.vocab_size, or preprocess the corpus with the "
+                                "model's tokenizer") from None
+            continue
         sizes.add(tokenizer.vocab_size)
         if vocab_size is not None and tokenizer.vocab_size > vocab_size:
             raise DataError(f"{prefix} was tokenized with a vocabulary of {tokenizer.vocab_size} entries, more than "
                             f"vocab_size={vocab_size}; raise the model's vocabulary size")
-        digest = hashlib.sha256(tokenizer.vocab_file.read_bytes() + tokenizer.merges_file.read_bytes()).hexdigest()
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in tokenizer.files.values())).hexdigest()
         seen.setdefault(digest, prefix)
     if len(seen) > 1:
         raise DataError(f"the blend mixes tokenizers ({', '.join(seen.values())} differ): their token ids mean "

@@ -16,7 +16,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -31,7 +30,8 @@ from opt_ds.data.dedup import MinHasher, NearDuplicateIndex, exact_digest
 from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
 from opt_ds.data.sources import BadRecord, Document, InputError, expand_inputs, read_records
-from opt_ds.data.tokenizer import MIN_VOCAB_SIZE, BPETokenizer, TokenizerError, tokenizer_files, train_bpe
+from opt_ds.data.tokenizer import (MIN_VOCAB_SIZE, BPETokenizer, TokenizerError, load_tokenizer,
+                                   open_tokenizer_dir, train_bpe)
 from opt_ds.data.workdir import Scan, WorkDir
 from opt_ds.errors import UserError
 
@@ -47,7 +47,7 @@ class PreprocessError(UserError):
 class PreprocessConfig:
     inputs: list[str]
     output_prefix: str
-    tokenizer: str | None = None  # "opt", or a directory with vocab.json + merges.txt
+    tokenizer: str | None = None  # "opt", a tokenizer.json, or a directory with it or vocab.json + merges.txt
     vocab_size: int | None = None  # instead: train a byte-level BPE of this size on the corpus
     json_key: str = "text"
     workers: int = 1
@@ -93,7 +93,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool | None = None) -> dict:
 
 def _validate(cfg: PreprocessConfig) -> _Plan:
     if (cfg.tokenizer is None) == (cfg.vocab_size is None):
-        raise PreprocessError("give exactly one of --tokenizer (opt, or a directory with vocab.json + merges.txt) "
+        raise PreprocessError("give exactly one of --tokenizer (opt, a tokenizer.json, or a directory with vocab.json + merges.txt) "
                               "and --vocab-size (train a BPE of that size on the corpus)")
     if cfg.vocab_size is not None and not MIN_VOCAB_SIZE <= cfg.vocab_size < 2 ** 31:
         raise PreprocessError(f"--vocab-size {cfg.vocab_size} is out of range: a byte-level BPE needs at least "
@@ -108,7 +108,7 @@ def _validate(cfg: PreprocessConfig) -> _Plan:
         raise PreprocessError(f"--near-threshold {cfg.near_threshold}: use a Jaccard similarity in (0, 1]")
     inputs = expand_inputs(cfg.inputs)
     try:
-        tokenizer = BPETokenizer.load(cfg.tokenizer) if cfg.tokenizer is not None else None
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
     except TokenizerError as err:
         raise PreprocessError(f"--tokenizer {cfg.tokenizer}: {err}") from None
     out = DatasetFiles.of(cfg.output_prefix)
@@ -131,7 +131,7 @@ def _fingerprint(plan: _Plan) -> dict:
     tokenizer_digest = None
     if plan.tokenizer is not None:
         digest = hashlib.sha256()
-        for path in (plan.tokenizer.vocab_file, plan.tokenizer.merges_file):
+        for path in plan.tokenizer.files.values():
             digest.update(path.read_bytes())
         tokenizer_digest = digest.hexdigest()
     inputs = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
@@ -259,12 +259,12 @@ def _kept_texts(plan: _Plan, keep: np.ndarray) -> Iterator[str]:
 def _prepare_tokenizer(plan: _Plan, work: WorkDir, keep: np.ndarray) -> BPETokenizer:
     """The tokenizer in the work directory: a copy of the given one, or one trained on the kept documents."""
     try:
-        return BPETokenizer(*tokenizer_files(work.tokenizer))
+        return open_tokenizer_dir(work.tokenizer)
     except TokenizerError:
         pass  # not made yet
     if plan.tokenizer is not None:
         plan.tokenizer.save(work.tokenizer)
-        return BPETokenizer(*tokenizer_files(work.tokenizer))
+        return open_tokenizer_dir(work.tokenizer)
     print(f"training a byte-level BPE of {plan.cfg.vocab_size} entries on {int(keep.sum())} documents",
           file=sys.stderr)
     return train_bpe(_kept_texts(plan, keep), plan.cfg.vocab_size, work.tokenizer)
@@ -279,7 +279,7 @@ def _load_worker_tokenizer(directory: str) -> None:
     global _WORKER_TOKENIZER
     if multiprocessing.parent_process() is not None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; no threads per worker
-    _WORKER_TOKENIZER = BPETokenizer(*tokenizer_files(directory))
+    _WORKER_TOKENIZER = open_tokenizer_dir(directory)
 
 
 def _indexed_dataset():
@@ -374,10 +374,7 @@ def _publish(out: DatasetFiles, work: WorkDir, chunks: list[dict], summary: dict
         raise RuntimeError(f"merged dataset {merged} does not match its chunks; delete {work.path} and rerun")
     del check
 
-    staging = atomic.staging_dir(out.tokenizer)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(work.tokenizer / name, staging / name)
-    atomic.replace(staging, out.tokenizer)
+    open_tokenizer_dir(work.tokenizer).save(out.tokenizer)
     atomic.write_text(out.summary, json.dumps(summary, indent=1) + "\n")
     out.idx.unlink(missing_ok=True)  # never a new .bin beside an old .idx, even for a moment
     os.replace(f"{merged}.bin", out.bin)

@@ -1,4 +1,5 @@
-"""GPT-2 byte-level BPE with OPT's (fairseq) special-token ids, on the `tokenizers` library.
+"""Tokenizers, on the `tokenizers` library: GPT-2 byte-level BPE with OPT's (fairseq) special-token ids, and
+any Hugging Face `tokenizer.json` (how LLaMA tokenizers ship) with its own special ids.
 
 OPT's vocabulary puts `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3 first. OPT prepends `</s>` as BOS, and the
 preprocessor appends `</s>` after every document, so in a token stream `</s>` both ends one document and
@@ -40,8 +41,8 @@ def tokenizer_files(directory: str | os.PathLike) -> tuple[Path, Path]:
         vocab, merges = directory / vocab_name, directory / merges_name
         if vocab.is_file() and merges.is_file():
             return vocab, merges
-    raise TokenizerError(f"no tokenizer in {directory}: expected vocab.json and merges.txt there "
-                         f"(or gpt2-vocab.json and gpt2-merges.txt); use 'opt' for OPT's tokenizer")
+    raise TokenizerError(f"no tokenizer in {directory}: expected vocab.json and merges.txt there (or "
+                         f"gpt2-vocab.json and gpt2-merges.txt, or a tokenizer.json); use 'opt' for OPT's tokenizer")
 
 
 class BPETokenizer:
@@ -66,16 +67,6 @@ class BPETokenizer:
         self.bos_id, self.pad_id, self.eos_id, self.unk_id = BOS_ID, PAD_ID, EOS_ID, 3
 
     @classmethod
-    def of_run(cls, data: dict) -> "BPETokenizer | None":
-        """The tokenizer a run config's `data` section names: data.tokenizer, else the one `opt-ds
-        preprocess` saved beside its first corpus; None when it names none (synthetic tokens)."""
-        if data.get("tokenizer"):
-            return cls.load(data["tokenizer"])
-        if data.get("train"):
-            return cls(*tokenizer_files(DatasetFiles.of(data["train"][0]["path"]).tokenizer))
-        return None
-
-    @classmethod
     def load(cls, spec: str | os.PathLike) -> "BPETokenizer":
         """'opt' for OPT's bundled files, or a directory holding vocab.json + merges.txt."""
         directory = OPT_TOKENIZER_DIR if str(spec) == "opt" else Path(spec)
@@ -94,14 +85,107 @@ class BPETokenizer:
             ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
         return self._bpe.decode(ids, skip_special_tokens=False)
 
+    @property
+    def files(self) -> dict:
+        """{name in a tokenizer directory: the file} — what `save` copies and what identifies the tokenizer."""
+        return {"vocab.json": self.vocab_file, "merges.txt": self.merges_file}
+
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write vocab.json + merges.txt as the directory `directory` (replaced whole, atomically)."""
-        directory = Path(directory)
-        staging = atomic.staging_dir(directory)
-        shutil.copyfile(self.vocab_file, staging / "vocab.json")
-        shutil.copyfile(self.merges_file, staging / "merges.txt")
-        atomic.replace(staging, directory)
-        return directory
+        return save_files(self.files, directory)
+
+
+def save_files(files: dict, directory: str | os.PathLike) -> Path:
+    """Copy a tokenizer's files into the directory `directory` (replaced whole, atomically)."""
+    directory = Path(directory)
+    staging = atomic.staging_dir(directory)
+    for name, path in files.items():
+        shutil.copyfile(path, staging / name)
+    atomic.replace(staging, directory)
+    return directory
+
+
+HF_TOKENIZER_FILE, HF_TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+# Special tokens looked up by name when there is no tokenizer_config.json: LLaMA 1/2, then Llama 3 / GPT-2.
+KNOWN_SPECIALS = {"bos": ("<s>", "<|begin_of_text|>", "<|endoftext|>"),
+                  "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>"),
+                  "pad": ("<pad>",), "unk": ("<unk>",)}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (e.g. LLaMA's SentencePiece BPE with byte fallback) with its own special
+    ids: from tokenizer_config.json beside it when present, else by the usual token names."""
+
+    def __init__(self, tokenizer_file: str | os.PathLike):
+        from tokenizers import Tokenizer
+        self.tokenizer_file = Path(tokenizer_file)
+        try:
+            self._tok = Tokenizer.from_file(str(self.tokenizer_file))
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            raise TokenizerError(f"cannot load {self.tokenizer_file}: {err}") from None
+        self.config_file = self.tokenizer_file.parent / HF_TOKENIZER_CONFIG
+        ids = {role: self._special_id(role) for role in KNOWN_SPECIALS}
+        if ids["eos"] is None:
+            raise TokenizerError(f"{self.tokenizer_file}: cannot tell its end-of-document token; put a "
+                                 f"{HF_TOKENIZER_CONFIG} with an eos_token beside it")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id, self.unk_id = ids["eos"], ids["unk"]
+        self.bos_id = ids["bos"] if ids["bos"] is not None else self.eos_id
+        self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id
+
+    def _special_id(self, role: str):
+        if self.config_file.is_file():
+            try:
+                token = json.loads(self.config_file.read_text(encoding="utf-8")).get(f"{role}_token")
+            except (OSError, ValueError) as err:
+                raise TokenizerError(f"cannot read {self.config_file}: {err}") from None
+            token = token.get("content") if isinstance(token, dict) else token
+            return self._tok.token_to_id(token) if token else None
+        return next((self._tok.token_to_id(t) for t in KNOWN_SPECIALS[role]
+                     if self._tok.token_to_id(t) is not None), None)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`, without the BOS/EOS/pad/unk ids when `skip_special_tokens` (other added tokens, such
+        as byte-fallback pieces, are text)."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            special = {self.bos_id, self.eos_id, self.pad_id, self.unk_id}
+            ids = [i for i in ids if i not in special]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    @property
+    def files(self) -> dict:
+        files = {HF_TOKENIZER_FILE: self.tokenizer_file}
+        if self.config_file.is_file():
+            files[HF_TOKENIZER_CONFIG] = self.config_file
+        return files
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        return save_files(self.files, directory)
+
+
+def open_tokenizer_dir(directory: str | os.PathLike):
+    """The tokenizer saved in `directory`: a tokenizer.json, or vocab.json + merges.txt."""
+    directory = Path(directory)
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return HFTokenizer(directory / HF_TOKENIZER_FILE)
+    return BPETokenizer(*tokenizer_files(directory))
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """'opt' (OPT's bundled BPE), a tokenizer.json file, or a directory holding either kind."""
+    if str(spec) == "opt":
+        return BPETokenizer.load("opt")
+    path = Path(spec)
+    if path.is_file() and path.name.endswith(".json"):
+        return HFTokenizer(path)
+    return open_tokenizer_dir(path)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike,
@@ -120,3 +204,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLi
     bpe.save_model(str(staging))
     atomic.replace(staging, output_dir)
     return BPETokenizer(*tokenizer_files(output_dir))
+
+
+def tokenizer_of_run(data: dict):
+    """The tokenizer a run config's `data` section names: data.tokenizer, else the one `opt-ds preprocess`
+    saved beside its first corpus; None when it names none (synthetic tokens)."""
+    if data.get("tokenizer"):
+        return load_tokenizer(data["tokenizer"])
+    if data.get("train"):
+        return open_tokenizer_dir(DatasetFiles.of(data["train"][0]["path"]).tokenizer)
+    return None

@@ -108,8 +108,8 @@ def run(args) -> int:
 
 
 def checked_tokenizer(spec, saved: dict, vocab_size: int, where):
-    from opt_ds.data.tokenizer import BPETokenizer
-    tokenizer = BPETokenizer.load(spec) if spec else BPETokenizer.of_run(saved.get("data", {}))
+    from opt_ds.data.tokenizer import load_tokenizer, tokenizer_of_run
+    tokenizer = load_tokenizer(spec) if spec else tokenizer_of_run(saved.get("data", {}))
     if tokenizer is None:
         raise EvalError(f"{where} records no tokenizer (its run trained on synthetic tokens, or it was converted): "
                         "pass --tokenizer opt or --tokenizer DIR with vocab.json + merges.txt")

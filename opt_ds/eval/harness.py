@@ -17,11 +17,9 @@ import torch.distributed as dist
 from lm_eval import utils as harness_utils
 from lm_eval.api.model import TemplateLM
 
-from opt_ds.data.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS
 from opt_ds.eval.scoring import PipelineScorer
 from opt_ds.train.generate import generate
 
-BOS_TEXT = SPECIAL_TOKENS[BOS_ID]
 
 
 class OptDsLM(TemplateLM):
@@ -29,19 +27,20 @@ class OptDsLM(TemplateLM):
                  progress: Optional[Callable[[str], None]] = None):
         super().__init__()
         self.engine = engine
-        self.bpe = tokenizer
+        self.tokenizer = tokenizer
         self._max_length = max_length
         self.micro_batch = micro_batch
         self.max_gen_toks = max_gen_toks
+        self.bos_text = tokenizer.decode([tokenizer.bos_id], skip_special_tokens=False)
         self.scorer = PipelineScorer(engine, micro_batch=micro_batch, max_length=max_length, progress=progress)
 
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        return BOS_ID
+        return self.tokenizer.bos_id
 
     @property
     def max_length(self) -> int:
@@ -49,16 +48,16 @@ class OptDsLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return str(self.bpe.vocab_file.parent)
+        return str(next(iter(self.tokenizer.files.values())).parent)
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, left_truncate_len=None,
                    **kwargs) -> list[int]:
-        add_bos = add_special_tokens is not False and not (add_special_tokens is None and string.startswith(BOS_TEXT))
-        ids = self.bpe.encode(string, add_bos=add_bos)
+        add_bos = add_special_tokens is not False and not (add_special_tokens is None and string.startswith(self.bos_text))
+        ids = self.tokenizer.encode(string, add_bos=add_bos)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def tok_decode(self, ids, **kwargs) -> str:
-        return self.bpe.decode(ids)
+    def tok_decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         scored = self.scorer.score(
@@ -92,7 +91,7 @@ class OptDsLM(TemplateLM):
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            until.append(self.tok_decode([self.eot_token_id], skip_special_tokens=False) or SPECIAL_TOKENS[EOS_ID])
+            until.append(self.tok_decode([self.eot_token_id], skip_special_tokens=False))
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             prompt = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
 

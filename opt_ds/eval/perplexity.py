@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from opt_ds.data.tokenizer import BOS_ID, EOS_ID
 from opt_ds.errors import UserError
 
 
@@ -51,7 +50,8 @@ def check_source(path: str) -> None:
 
 
 def documents(path: str, tokenizer) -> Iterator[list[int]]:
-    """BOS + the tokens of each document + </s>."""
+    """The tokenizer's BOS + the tokens of each document + its EOS (OPT: </s> both)."""
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
     from opt_ds.data.files import DatasetFiles
     if not Path(path).is_file() and DatasetFiles.of(path).exists():
         from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
@@ -59,7 +59,7 @@ def documents(path: str, tokenizer) -> Iterator[list[int]]:
             indexed = import_quietly("megatron.core.datasets.indexed_dataset").IndexedDataset(str(path))
         for i in range(len(indexed)):
             ids = [int(t) for t in indexed[i]]
-            yield [BOS_ID, *ids] if ids and ids[-1] == EOS_ID else [BOS_ID, *ids, EOS_ID]
+            yield [bos, *ids] if ids and ids[-1] == eos else [bos, *ids, eos]
         return
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -71,7 +71,7 @@ def documents(path: str, tokenizer) -> Iterator[list[int]]:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
                     raise PerplexityError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-            yield [BOS_ID, *tokenizer.encode(text), EOS_ID]
+            yield [bos, *tokenizer.encode(text), eos]
 
 
 def windows(tokens: list[int], window: int, stride: int) -> Iterator[tuple[list[int], int]]:

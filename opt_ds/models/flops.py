@@ -1,20 +1,22 @@
 """FLOPs per training step under the three conventions papers use, each with its formula written out.
 
-For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (training-recipe.md, anchors §6.4):
+For B sequences of s tokens, l decoder layers, hidden h, vocabulary V (Narayanan et al. 2021, "Efficient
+Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", appendix; Kaplan et al. 2020 for 6N):
 
   model      72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))   Narayanan et al. 2021 without recompute, full s² attention
   hardware   96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))   Narayanan eq. 3: every layer's forward runs twice
   6N+attn    B·s·(6·N + 12·l·h·s)                     torchtitan; N = the parameters used in matmuls
 
-The closed forms assume an MLP of width 4h and an LM head of width h, which holds for every OPT size but
-opt-350m (512-wide embedding with project_in/project_out). The sums below are exact per term and reduce
-to the closed forms when F = 4h and E = h; for other shapes the formula text says which terms changed.
+The closed forms assume an MLP of two h×4h matrices, full multi-head attention and an LM head of width h,
+which holds for every OPT size but opt-350m (512-wide embedding with project_in/project_out). The sums below
+are exact per term (any DecoderShape: gated MLPs, grouped-query attention) and reduce to the closed forms
+in that case; for other shapes the formula text says which terms changed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.models.presets import OPTShape, POSITION_OFFSET, analytic_parameter_count
+from opt_ds.models.shape import DecoderShape, as_decoder_shape
 
 MODEL_FORMULA = "72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))"
 HARDWARE_FORMULA = "96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))"
@@ -34,49 +36,55 @@ class FlopsCount:
     worked: str         # the formula with this run's numbers substituted
 
 
-def layer_flops_per_token(shape: OPTShape, seq: int) -> float:
-    """Forward + backward FLOPs of one decoder layer per token: 3 × (matmuls 2·(4h² + 2hF) + attention 4·s·h).
+def layer_flops_per_token(shape, seq: int) -> float:
+    """Forward + backward FLOPs of one decoder layer per token: 3 × (2·matmul weights + attention 4·s·h);
+    the matmul weights are 4h² + 2hF for OPT.
 
     The attention term counts the full s×s score and context products (no causal halving), as
     Narayanan et al. do; biases, LayerNorm, softmax and ReLU are not counted.
     """
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    return 3.0 * (2.0 * (4 * h * h + 2 * h * f) + 4.0 * seq * h)
+    shape = as_decoder_shape(shape)
+    return 3.0 * (2.0 * shape.layer_matmul_weights() + 4.0 * seq * shape.hidden_size)
 
 
-def head_flops_per_token(shape: OPTShape) -> float:
+def head_flops_per_token(shape) -> float:
     """Forward + backward FLOPs of the LM head (6·V·E) and of opt-350m's project_in/out (2 × 6·E·h)."""
-    e, h = shape.embed_dim, shape.hidden_size
+    shape = as_decoder_shape(shape)
+    e, h = shape.embedding_width, shape.hidden_size
     projections = 12.0 * e * h if shape.has_projections else 0.0
     return 6.0 * shape.vocab_size * e + projections
 
 
-def matmul_parameters(shape: OPTShape) -> int:
+def matmul_parameters(shape) -> int:
     """N for the 6N convention: every parameter except the lookup tables, plus the tied LM head once.
 
     torchtitan subtracts embedding tables from N; its models have an untied output head, which stays in
     N. OPT's head is the tied token embedding, and its V×E matmul is real work, so it is counted here.
     """
-    positions = (shape.max_position_embeddings + POSITION_OFFSET) * shape.hidden_size
-    return analytic_parameter_count(shape) - positions
+    return as_decoder_shape(shape).matmul_parameters()
 
 
-def _closed_form_applies(shape: OPTShape) -> bool:
-    return shape.ffn_hidden_size == 4 * shape.hidden_size and not shape.has_projections
+def _closed_form_applies(shape: DecoderShape) -> bool:
+    return (shape.ffn_hidden_size == 4 * shape.hidden_size and not shape.gated_mlp
+            and shape.kv_heads == shape.num_heads and not shape.has_projections)
 
 
-def _shape_note(shape: OPTShape) -> str:
+def _shape_note(shape: DecoderShape) -> str:
     if _closed_form_applies(shape):
         return ""
     notes = []
-    if shape.ffn_hidden_size != 4 * shape.hidden_size:
-        notes.append(f"F={shape.ffn_hidden_size}≠4h: per-layer term 6·(4h²+2hF)+12·s·h")
+    if shape.ffn_hidden_size != 4 * shape.hidden_size or shape.gated_mlp or shape.kv_heads != shape.num_heads:
+        notes.append(f"matmul weights {shape.layer_matmul_weights():.4g} per layer ≠ 12h² "
+                     f"(F={shape.ffn_hidden_size}{', gated' if shape.gated_mlp else ''}"
+                     f"{f', {shape.kv_heads} kv heads' if shape.kv_heads != shape.num_heads else ''}): "
+                     "per-layer term 6·weights + 12·s·h")
     if shape.has_projections:
-        notes.append(f"E={shape.embed_dim}≠h: logits 6·V·E plus project_in/out 12·E·h per token")
+        notes.append(f"E={shape.embedding_width}≠h: logits 6·V·E plus project_in/out 12·E·h per token")
     return " [exact per-term sum; " + "; ".join(notes) + "]"
 
 
-def model_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+def model_flops(shape, batch: int, seq: int) -> FlopsCount:
+    shape = as_decoder_shape(shape)
     l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
     tokens = batch * seq
     flops = tokens * (l * layer_flops_per_token(shape, seq) + head_flops_per_token(shape))
@@ -85,11 +93,12 @@ def model_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
     return FlopsCount("model", "model FLOPs, no recompute", flops, MODEL_FORMULA, worked)
 
 
-def hardware_flops(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> FlopsCount:
+def hardware_flops(shape, batch: int, seq: int, recomputed_layers: int) -> FlopsCount:
     """Model FLOPs plus one more forward pass of each decoder layer whose activations are recomputed.
 
     With every layer recomputed this is Narayanan's eq. 3; with none it equals the model FLOPs.
     """
+    shape = as_decoder_shape(shape)
     l, h, v = shape.num_layers, shape.hidden_size, shape.vocab_size
     tokens = batch * seq
     recompute = tokens * recomputed_layers * layer_flops_per_token(shape, seq) / 3.0
@@ -106,7 +115,8 @@ def hardware_flops(shape: OPTShape, batch: int, seq: int, recomputed_layers: int
     return FlopsCount("hardware", "hardware FLOPs, with recompute", flops, HARDWARE_FORMULA, worked)
 
 
-def sixn_attention_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
+def sixn_attention_flops(shape, batch: int, seq: int) -> FlopsCount:
+    shape = as_decoder_shape(shape)
     l, h = shape.num_layers, shape.hidden_size
     n = matmul_parameters(shape)
     flops = batch * seq * (6.0 * n + 12.0 * l * h * seq)
@@ -114,7 +124,7 @@ def sixn_attention_flops(shape: OPTShape, batch: int, seq: int) -> FlopsCount:
     return FlopsCount("6n_attention", "6N + attention (torchtitan)", flops, SIXN_FORMULA, worked)
 
 
-def all_conventions(shape: OPTShape, batch: int, seq: int, recomputed_layers: int) -> list:
+def all_conventions(shape, batch: int, seq: int, recomputed_layers: int) -> list:
     """The three conventions for one optimizer step of `batch` sequences, in the order reports use."""
     return [model_flops(shape, batch, seq),
             hardware_flops(shape, batch, seq, recomputed_layers),

@@ -1,8 +1,9 @@
 """Gather the full, unsharded weights of a live pipeline model (for tests and small-model inspection).
 
-TP shards are concatenated along the dimension megatron-core recorded on each parameter
-(`partition_dim`); the stages' pieces are then collected on every rank with an object all-gather, so this
-is meant for models that fit in one process's memory.
+TP shards are merged along the dimension megatron-core recorded on each parameter (`partition_dim`),
+honouring its `partition_stride` (LLaMA's fused gate/up: every shard is [gate_shard; up_shard]); the
+stages' pieces are then collected on every rank with an object all-gather, so this is meant for models
+that fit in one process's memory.
 """
 from __future__ import annotations
 
@@ -17,7 +18,20 @@ def _full_tensor(param: torch.Tensor) -> torch.Tensor:
     group = parallel_state.get_tensor_model_parallel_group()
     shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, param.detach().contiguous(), group=group)
-    return torch.cat(shards, dim=param.partition_dim).cpu()
+    return merge_shards(shards, param.partition_dim, getattr(param, "partition_stride", 1)).cpu()
+
+
+def merge_shards(shards, dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from its TP shards. With stride s the full tensor is s sub-tensors (e.g. [gate; up])
+    and each shard holds its slice of every one of them, in order: [a_r; b_r]."""
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([piece[j] for j in range(stride) for piece in pieces], dim=dim)
+
+
+def split_full(full: torch.Tensor, dim: int, parts: int, stride: int = 1) -> list:
+    """The inverse of `merge_shards`: the `parts` TP shards of a full tensor."""
+    subs = [sub.chunk(parts, dim=dim) for sub in full.chunk(stride, dim=dim)]
+    return [torch.cat([sub[rank] for sub in subs], dim=dim) for rank in range(parts)]
 
 
 def stage_state(module) -> dict:

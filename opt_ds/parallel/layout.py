@@ -7,13 +7,13 @@ put every process in the same tensor-, data- and pipeline-parallel groups.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
 
 from opt_ds.errors import UserError
 from opt_ds.parallel.cpu_compat import apply_cpu_adaptations, running_on_cpu
+from opt_ds.ports import free_port
 
 
 class LayoutError(UserError, ValueError):
@@ -92,6 +92,11 @@ class ParallelLayout:
                     f"rank {rank}: megatron-core's {axis} group {megatron_ranks} differs from DeepSpeed's "
                     f"{deepspeed_ranks}; the two libraries disagree on rank order for {self}")
 
+    def tensor_group(self):
+        """This rank's tensor-parallel process group, handed to the model's TP layers. `initialize()` first."""
+        from megatron.core import parallel_state
+        return parallel_state.get_tensor_model_parallel_group()
+
     def megatron_config(self, params_dtype=torch.float32):
         """megatron-core's ModelParallelConfig for the TP layers of this layout.
 
@@ -141,6 +146,4 @@ def _default_single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port("127.0.0.1"))

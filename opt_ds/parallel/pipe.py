@@ -1,38 +1,23 @@
-"""Assemble the OPT decoder into a DeepSpeed PipelineModule.
+"""Assemble a model family's layer list into a DeepSpeed PipelineModule, and the single-device model.
 
-Layer list (the index is the `layer_XX` number of DeepSpeed's checkpoint files):
-
-    0      TiedLayerSpec('embed', OPTTokenEmbedding)            token embedding (owner of the tied weight)
-    1      OPTPositions                                          project_in + learned positions
-    2..L+1 OPTDecoderLayer x L
-    L+2    OPTFinalLayer                                         final LayerNorm / project_out
-    L+3    TiedLayerSpec('embed', forward_fn=lm_logits)          tied LM head (no file of its own)
-
-Stages are balanced by counting decoder layers. DeepSpeed reduces the tied embedding's gradient across
-the first and last stage before the data-parallel reduction, so the copies stay bit-identical.
+The layer list comes from the family (opt_ds.models.<family>.pipeline); its index is the `layer_XX` number
+of DeepSpeed's checkpoint files. Stages are balanced by counting decoder layers.
 """
 from __future__ import annotations
 
+from typing import Dict, NamedTuple, Optional
+
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from megatron.core import tensor_parallel
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
 
-from opt_ds.models.opt import (OPTDecoderLayer, OPTFinalLayer, OPTPositions, OPTTokenEmbedding, lm_logits)
-from opt_ds.models.presets import OPTShape
-
-TIED_EMBEDDING_KEY = "embed"
-TIED_WEIGHT = "word_embeddings.weight"
-FIRST_DECODER_LAYER = 2
+from opt_ds.models.family import DECODER_PARTITION_METHOD, family_of
 
 
-def decoder_layer_index(layer: int) -> int:
-    """Index in the pipeline's layer list (and checkpoint file number) of decoder layer `layer`."""
-    return FIRST_DECODER_LAYER + layer
-
-
-def final_layer_index(shape: OPTShape) -> int:
-    return FIRST_DECODER_LAYER + shape.num_layers
+def final_layer_index(shape) -> int:
+    """Index in the pipeline's layer list (and checkpoint file number) of the layer after the decoders."""
+    return family_of(shape).final_layer_index(shape)
 
 
 def lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
@@ -59,22 +44,12 @@ def seed_all(seed: int) -> None:
     tracker.add("model-parallel-rng", seed + 2718 + get_tensor_model_parallel_rank())
 
 
-def layer_specs(shape: OPTShape, mp_config) -> list:
-    return [
-        TiedLayerSpec(TIED_EMBEDDING_KEY, OPTTokenEmbedding, shape, mp_config, tied_weight_attr=[TIED_WEIGHT]),
-        LayerSpec(OPTPositions, shape),
-        *[LayerSpec(OPTDecoderLayer, shape, mp_config) for _ in range(shape.num_layers)],
-        LayerSpec(OPTFinalLayer, shape),
-        TiedLayerSpec(TIED_EMBEDDING_KEY, OPTTokenEmbedding, shape, mp_config,
-                      forward_fn=lm_logits, tied_weight_attr=[TIED_WEIGHT]),
-    ]
-
-
-def build_pipeline(shape: OPTShape, layout, *, seed: int = 1234, activation_checkpoint_interval: int = 0,
-                   partition_method: str = "type:OPTDecoderLayer") -> PipelineModule:
-    """The OPT PipelineModule for this process's stage. `layout.initialize()` must have run."""
+def build_pipeline(shape, layout, *, seed: int = 1234, activation_checkpoint_interval: int = 0,
+                   partition_method: str = DECODER_PARTITION_METHOD) -> PipelineModule:
+    """The PipelineModule of `shape`'s family for this process's stage. `layout.initialize()` must have run."""
+    family = family_of(shape)
     return PipelineModule(
-        layers=layer_specs(shape, layout.megatron_config()),
+        layers=family.layer_specs(shape, layout.megatron_config(), layout.tensor_group()),
         topology=layout.topology(),
         loss_fn=lm_loss,
         seed_layers=True,
@@ -82,7 +57,7 @@ def build_pipeline(shape: OPTShape, layout, *, seed: int = 1234, activation_chec
         base_seed=seed,
         partition_method=partition_method,
         activation_checkpoint_interval=activation_checkpoint_interval,
-        checkpointable_layers=["OPTDecoderLayer"],
+        checkpointable_layers=[family.decoder_layer_name],
     )
 
 
@@ -97,26 +72,76 @@ def recomputed_decoder_layers(pipeline_module) -> int:
     if interval == 0:
         return 0
     funcs = pipeline_module.forward_funcs
+    decoder = set(pipeline_module.checkpointable_layers)
     starts = range(0, len(funcs), interval)
-    return sum(sum(isinstance(f, OPTDecoderLayer) for f in funcs[start:start + interval])
+    return sum(sum(type(f).__name__ in decoder for f in funcs[start:start + interval])
                for start, checkpointed in zip(starts, pipeline_module.is_checkpointable_results) if checkpointed)
 
 
-def count_parameters(shape: OPTShape) -> int:
-    """Parameters of the full model, counted by building each distinct layer on the meta device (nothing is
-    allocated, so opt-175b is counted in milliseconds). Needs megatron's parallel_state at TP=1."""
-    from opt_ds.parallel.layout import ParallelLayout
-    mp_config = ParallelLayout().megatron_config()
-    mp_config.perform_initialization = False
-    mp_config.use_cpu_initialization = True
-    counted_keys, cache, total = set(), {}, 0
-    for spec in layer_specs(shape, mp_config):
+def single_device_model(shape, mp_config=None) -> torch.nn.Sequential:
+    """The whole model at TP=1 as one nn.Sequential of the pipeline pieces, with no process group.
+
+    Its children are named by their pipeline layer index (a tied head shares the embedding's module and is
+    not a child of its own). Built under `torch.device("meta")` nothing is allocated.
+    """
+    if mp_config is None:
+        mp_config = _meta_megatron_config()
+    modules, tied = torch.nn.Sequential(), {}
+    for index, spec in enumerate(family_of(shape).layer_specs(shape, mp_config)):
         if isinstance(spec, TiedLayerSpec):
-            if spec.key in counted_keys:
+            if spec.key in tied:
                 continue
-            counted_keys.add(spec.key)
-        if spec.typename not in cache:
-            with torch.device("meta"):
-                cache[spec.typename] = sum(p.numel() for p in spec.build().parameters())
-        total += cache[spec.typename]
-    return total
+            tied[spec.key] = index
+        modules.add_module(str(index), spec.build())
+    return modules
+
+
+def count_parameters(shape) -> int:
+    """Parameters of the full model, counted on the meta device (nothing is allocated, so opt-175b is
+    counted in milliseconds). No process group is needed."""
+    with torch.device("meta"):
+        model = single_device_model(shape)
+    return sum(p.numel() for p in model.parameters())
+
+
+class TensorSplit(NamedTuple):
+    dim: Optional[int]      # the dim split across TP ranks; None: every TP rank holds the whole tensor
+    stride: int             # sub-tensors the full tensor is made of, each split alike (gate/up: 2)
+    vocab: bool             # rows are the vocabulary (padded to the model's vocab_size)
+
+
+def tensor_parallel_dims(shape) -> Dict[str, TensorSplit]:
+    """{PipelineModule parameter name: how it is split across TP ranks}.
+
+    Read from the attributes megatron-core's layers put on their parameters (`tensor_model_parallel`,
+    `partition_dim`), on a meta-device model, so no table of names is kept by hand.
+    """
+    with torch.device("meta"):
+        mp_config = _meta_megatron_config()
+        model = single_device_model(shape, mp_config)
+    tied = {str(index): key for index, key in _tied_indices(shape).items()}
+    vocab = {id(m.weight) for m in model.modules()
+             if isinstance(m, tensor_parallel.VocabParallelEmbedding) or getattr(m, "vocab_parallel_output", False)}
+    dims = {}
+    for name, param in model.named_parameters():
+        index, rest = name.split(".", 1)
+        pipeline_name = f"tied_modules.{tied[index]}.{rest}" if index in tied else name
+        split = getattr(param, "tensor_model_parallel", False)
+        dims[pipeline_name] = TensorSplit(param.partition_dim if split else None,
+                                          getattr(param, "partition_stride", 1), id(param) in vocab)
+    return dims
+
+
+def _meta_megatron_config():
+    from opt_ds.parallel.layout import ParallelLayout
+    # Initialisation runs (on meta, so it costs nothing) because megatron sets the TP attributes there.
+    return ParallelLayout().megatron_config()
+
+
+def _tied_indices(shape) -> dict:
+    """{pipeline layer index: tied key} of the first spec of each tied key."""
+    found = {}
+    for index, spec in enumerate(family_of(shape).layer_specs(shape, _meta_megatron_config())):
+        if isinstance(spec, TiedLayerSpec) and spec.key not in found.values():
+            found[index] = spec.key
+    return found

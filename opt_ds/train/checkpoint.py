@@ -3,8 +3,11 @@
 Every rank writes into `<save_dir>/.tmp-<tag>/`; after a barrier the ranks hash the files and rank 0 writes
 `manifest.json` (sizes, SHA-256, health) last, renames the folder to `<tag>` and only then moves the `latest`
 pointer (write-to-temp + os.replace), so a crash at any moment leaves the previous checkpoint and pointer
-intact. Loading checks the files against the manifest first. `client_state` carries what DeepSpeed does not
-know: the step, the data position and the micro-batch counter that seeds dropout.
+intact. Re-saving a step that is already published renames the old copy aside (`.replaced-<tag>`) first and
+deletes it only once the new copy is in place, so there is always one complete copy; a start-up after a crash
+puts whichever complete copy it finds back (`recover_interrupted_publish`). Loading checks the files against
+the manifest first. `client_state` carries what DeepSpeed does not know: the step, the data position and the
+micro-batch counter that seeds dropout.
 """
 from __future__ import annotations
 
@@ -15,18 +18,21 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.distributed as dist
 
 from opt_ds.errors import UserError
 from opt_ds.train import manifest
+from opt_ds.train.collective import barrier, from_rank0, rank_and_world
 from opt_ds.train.durable import fsync, write_atomically
 
 LATEST = "latest"
 UNIVERSAL_LATEST = "latest_universal"     # written by `opt-ds convert --to universal`
 RUN_STATE_KEY = "opt_ds"
 ABANDONED = "abandoned"
+STAGING = ".tmp-"           # + tag: a checkpoint being written
+REPLACED = ".replaced-"     # + tag: the published copy of a step being re-saved, until the new one is in place
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -44,6 +50,23 @@ def latest_tag(directory) -> Optional[str]:
         return None
     tag = pointer.read_text().strip()
     return tag or None
+
+
+def unreadable_latest(directory) -> Optional[str]:
+    """Why the `latest` pointer of a save folder names no checkpoint there (missing, empty, unreadable, or a
+    folder that does not exist), or None when it names one."""
+    pointer = Path(directory) / LATEST
+    if not pointer.exists():
+        return f"there is no '{LATEST}' file"
+    try:
+        tag = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"'{LATEST}' is unreadable ({type(err).__name__})"
+    if not tag:
+        return f"'{LATEST}' is empty"
+    if not (Path(directory) / tag).is_dir():
+        return f"'{LATEST}' names {tag[:80]!r}, which is not a folder there"
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,28 +125,81 @@ def set_aside_newer(save_dir, step: int) -> list:
     return moved
 
 
-def save(engine, save_dir, step: int, client_state: dict, health: Optional[dict] = None) -> Path:
+def save(engine, save_dir, step: int, client_state: dict, health: Optional[dict] = None,
+         in_publish_gap: Optional[Callable[[], None]] = None) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint folder. `health` goes into the
-    manifest (see opt_ds.train.recovery)."""
+    manifest (see opt_ds.train.recovery). `in_publish_gap` (fault injection) runs on rank 0 between setting
+    an existing copy of this step aside and renaming the new one into place."""
     save_dir = Path(save_dir)
     tag = step_tag(step)
-    staging = f".tmp-{tag}"
+    staging = save_dir / f"{STAGING}{tag}"
     if dist.get_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(save_dir / staging, ignore_errors=True)    # left by a crash during an earlier save
+        shutil.rmtree(staging, ignore_errors=True)    # left by a crash during an earlier save
     dist.barrier()
-    engine.save_checkpoint(str(save_dir), tag=staging, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(save_dir), tag=staging.name, client_state=client_state, save_latest=False)
     dist.barrier()
-    manifest.write(save_dir / staging, tag=tag, step=step, health=health)
+    manifest.write(staging, tag=tag, step=step, health=health)
     final = save_dir / tag
     if dist.get_rank() == 0:
-        if final.exists():                                          # re-saving a step, e.g. after a rollback
-            shutil.rmtree(final)
-        os.rename(save_dir / staging, final)
-        fsync(save_dir)
+        _publish(staging, final, in_publish_gap)
         point_latest(save_dir, tag)
+        shutil.rmtree(save_dir / f"{REPLACED}{tag}", ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _publish(staging: Path, final: Path, in_gap: Optional[Callable[[], None]]) -> None:
+    """Rank 0: rename a complete staging folder to its published name. A published copy of the same step
+    (re-saving a step, e.g. a requeued finished run) is renamed aside first, never deleted before the new one
+    is in place: at every moment one complete copy exists under a name start-up recovery knows."""
+    replaced = final.with_name(f"{REPLACED}{final.name}")
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)   # from an earlier re-save whose new copy was published
+        os.rename(final, replaced)
+        fsync(final.parent)
+        if in_gap is not None:
+            in_gap()
+    os.rename(staging, final)
+    fsync(final.parent)
+
+
+def recover_interrupted_publish(save_dir, verify: str) -> list:
+    """Collective, at start-up (under the save folder's lock, before the resume point is chosen): finish what
+    a crash during `save` left. For a step with no published folder, a complete staging copy (its manifest
+    present and its files matching, `verify`: sha256 | size | none) is renamed into place, else the copy a
+    re-save had set aside is put back; a set-aside copy whose replacement was published is deleted. An
+    incomplete staging folder is left for the next save to remove. Returns what was done, one line each."""
+    save_dir = Path(save_dir)
+    names = set(from_rank0(lambda: [p.name for p in save_dir.iterdir() if p.is_dir()] if save_dir.is_dir() else []))
+    tags = sorted({name[len(prefix):] for name in names for prefix in (STAGING, REPLACED)
+                   if name.startswith(prefix) and _TAG.match(name[len(prefix):])})
+    done = []                       # (folder, new name or None to delete, what the log says)
+    for tag in tags:
+        staging, replaced = save_dir / f"{STAGING}{tag}", save_dir / f"{REPLACED}{tag}"
+        has_replaced = replaced.name in names
+        if tag not in names:
+            if staging.name in names and manifest.verify(staging, verify) == []:      # collective
+                done.append((staging, save_dir / tag, f"restored {tag} from {staging.name}, its complete copy "
+                                                      "(the save was interrupted before it was published)"))
+            elif has_replaced:
+                done.append((replaced, save_dir / tag, f"restored {tag} from {replaced.name}, the copy a "
+                                                       "re-save had set aside (the re-save was interrupted)"))
+                continue
+            else:
+                continue            # an incomplete staging folder only: the next save removes it
+        if has_replaced:
+            done.append((replaced, None, f"deleted {replaced.name}: a newer complete copy of {tag} is in place"))
+    if rank_and_world()[0] == 0:
+        for folder, target, line in done:
+            if target is None:
+                shutil.rmtree(folder)
+            else:
+                os.rename(folder, target)
+                fsync(save_dir)
+            print(f"[opt_ds] {save_dir}: {line}", flush=True)
+    barrier()
+    return [line for _, _, line in done]
 
 
 def previous_intact(directory, before_step: int, mode: str) -> Optional[Published]:
@@ -182,12 +258,33 @@ def find_resume_point(save_dir, load_dir, tag: Optional[str] = None) -> Optional
         raise CheckpointError(f"train.load_tag={tag}: there is no folder {tag} in {where}; name one of the "
                               "global_step* folders there")
     for directory in (save_dir, load_dir):
-        if directory is not None and (latest_tag(directory) or _universal_tag(directory)):
+        if directory is None:
+            continue
+        if _universal_tag(directory) is None and (published(directory) or (Path(directory) / LATEST).exists()):
+            reason = unreadable_latest(directory)
+            if reason is not None:
+                raise no_latest_error(Path(directory), reason)
+        if latest_tag(directory) or _universal_tag(directory):
             return describe(Path(directory))
     if load_dir is not None:
         raise CheckpointError(f"train.load_dir={load_dir} holds no checkpoint (no '{LATEST}' or "
                               f"'{UNIVERSAL_LATEST}' file); fix the path or drop train.load_dir to start from scratch")
     return None
+
+
+def no_latest_error(directory: Path, reason: str) -> CheckpointError:
+    """Collective (it verifies the checkpoints): a folder with checkpoints whose `latest` names none of them.
+    Never a silent fresh start, which would set every checkpoint there aside."""
+    checkpoints = published(directory)
+    newest = next((c for c in reversed(checkpoints) if manifest.verify(c.path, "size") == []), None)
+    if newest is not None:
+        fix = (f"the newest intact checkpoint there is {newest.tag}: resume from it with train.load_tag={newest.tag} "
+               f"(or write {newest.tag} into {directory / LATEST})")
+    else:
+        fix = ("no global_step* folder there matches its manifest: restore one from a copy, or start from scratch "
+               "with another train.save_dir")
+    what = f"{directory} holds checkpoints but" if checkpoints else f"{directory}:"
+    return CheckpointError(f"{what} {reason}; {fix}. Nothing was changed")
 
 
 def _universal_tag(directory) -> Optional[str]:
@@ -221,13 +318,17 @@ def describe(directory: Path, tag: Optional[str] = None) -> ResumePoint:
 
 def check_compatible(point: ResumePoint, shape, layout) -> None:
     """The checkpoint must hold this model, and a full checkpoint this layout (ZeRO partitions do not move)."""
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.models.family import family_of
+    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
     stored = point.saved.get(MODEL_SHAPE_KEY)
     if stored is not None:
+        stored_family, family = point.saved.get(MODEL_FAMILY_KEY, "opt"), family_of(shape).name
+        if stored_family != family:
+            raise CheckpointError(f"{point.folder} holds a {stored_family} model and this config builds a {family} "
+                                  f"model; set model.family={stored_family} (or its preset) to load it")
         wanted = dataclasses.asdict(shape)
         differs = [f"{k}: checkpoint {stored.get(k)!r}, config {v!r}" for k, v in wanted.items()
-                   if k in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
-                            "max_position_embeddings", "word_embed_proj_dim", "pre_layer_norm")
+                   if k not in ("dropout", "attention_dropout", "init_std", "layer_norm_eps")
                    and stored.get(k) != v]
         if differs:
             raise CheckpointError(f"{point.folder} holds another model ({'; '.join(differs)}); use the model config "
@@ -240,9 +341,10 @@ def check_compatible(point: ResumePoint, shape, layout) -> None:
             raise CheckpointError(
                 f"{point.folder} was saved at TP={tp} x PP={pp} x DP={dp}, this run is {layout}; ZeRO optimizer "
                 f"state only loads at the layout that wrote it. Convert it once with `opt-ds convert "
-                f"{point.directory} {point.directory}-universal --to universal` and set "
-                f"train.load_dir={point.directory}-universal (keeps the optimizer), or `--to opt_ds --tp "
-                f"{layout.tensor} --pp {layout.pipeline}` (weights only)")
+                f"{point.directory} {point.directory}-universal --to universal` and train with "
+                f"train.load_dir={point.directory}-universal train.save_dir={point.directory}-tp{layout.tensor}"
+                f"pp{layout.pipeline} (keeps the optimizer; a new save_dir, since a run resumes from its own "
+                f"save_dir first), or `--to opt_ds --tp {layout.tensor} --pp {layout.pipeline}` (weights only)")
 
 
 def load(engine, point: ResumePoint, verify: str = "sha256") -> dict:

@@ -14,20 +14,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="YAML run config, e.g. ds_configs/demo.yaml ('-': none, defaults plus overrides)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and the generated DeepSpeed JSON, then exit")
+                        help="print the resolved config and the generated DeepSpeed JSON, then exit (without a "
+                             "launcher: at the layout the config asks for, DP=1 where parallel.data is auto)")
 
 
 def run(args) -> int:
     import json
     from opt_ds.slurm import adopt_environment
     adopt_environment()                         # ranks started as srun tasks (opt-ds launch --launcher slurm)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(args.config, args.overrides, world_size=world_size)
-    if args.print_config:
+    world_size = os.environ.get("WORLD_SIZE")   # set by every launcher
+    if args.print_config:                   # without a launcher: the layout the config asks for (DP "auto" = 1)
+        cfg = load_config(args.config, args.overrides, world_size=int(world_size) if world_size else None)
         print(json.dumps({"config": cfg.run.to_dict(), "layout": str(cfg.layout),
                           "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                           "deepspeed": cfg.deepspeed_config()}, indent=2))
         return 0
+    cfg = load_config(args.config, args.overrides, world_size=int(world_size or 1))
     from opt_ds.train.loop import Trainer
     downstream = None
     if cfg.run.eval.tasks or cfg.run.eval.perplexity:

@@ -12,6 +12,8 @@ Steps are numbered as the metrics show them (the k-th optimizer step is step k).
 - kill_during_save_at_step: while the checkpoint of step k is written, rank `rank` writes half of its first
   file and dies with os._exit(137), as a node that loses power or is OOM-killed.
 - corrupt_checkpoint_at_step: after the checkpoint of step k is published, one of its files is truncated.
+- kill_in_publish_gap_at_step: re-saving step k when it is already published (a requeued finished run), rank 0
+  dies with os._exit(137) after renaming the old copy aside and before renaming the new one into place.
 - bad_replica_at_step: during step k the local gradients of rank `rank` are multiplied by 1000 before the
   data-parallel reduction, as a host silently computing garbage.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from opt_ds.train.checkpoint import STAGING, step_tag
 from opt_ds.train.health import before_reduce_grads, local_gradients
 from opt_ds.train.recovery import set_scheduled_lr
 
@@ -40,7 +43,7 @@ class FaultInjector:
         self._spiking = False
         engine = trainer.engine
         if self.cfg.kill_during_save_at_step is not None and trainer.rank == self.target_rank:
-            self._kill_during_writes(engine, f".tmp-global_step{self.cfg.kill_during_save_at_step}")
+            self._kill_during_writes(engine, STAGING + step_tag(self.cfg.kill_during_save_at_step))
         if self.cfg.bad_replica_at_step is not None and trainer.rank == self.target_rank:
             before_reduce_grads(engine, self._bad_replica)
 
@@ -107,6 +110,12 @@ class FaultInjector:
             os._exit(137)
 
         writer.save = save
+
+    def in_publish_gap(self, step: int) -> None:
+        if self.cfg.kill_in_publish_gap_at_step == step:
+            self._say(f"killed while publishing global_step{step}: the old copy is set aside, the new one is not "
+                      "in place yet")
+            os._exit(137)
 
     def after_save(self, path: Path, step: int) -> None:
         if self.cfg.corrupt_checkpoint_at_step != step or dist.get_rank() != 0:

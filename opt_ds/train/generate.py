@@ -12,7 +12,29 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from opt_ds.models.presets import EOS_ID, PAD_ID
+from opt_ds.data.tokenizer import EOS_ID, PAD_ID
+from opt_ds.errors import UserError
+
+
+class GenerationError(UserError):
+    """A prompt or sampling setting that cannot run; the message names the argument and the fix."""
+
+
+def prompt_ids(tokenizer, prompt: str, *, seq_length: int, max_new_tokens: int,
+               max_new_tokens_name: str = "--max-new-tokens") -> list:
+    """The prompt's ids (OPT prepends </s> as BOS), checked to leave room for `max_new_tokens` in the
+    context of `seq_length` tokens: a longer prompt is an error, never silently cut."""
+    ids = tokenizer.encode(prompt, add_bos=True)
+    room = seq_length - len(ids)
+    if room < 1:
+        raise GenerationError(f"the prompt is {len(ids)} tokens (with BOS), but the model's context is {seq_length} "
+                              f"tokens: shorten the prompt to at most {seq_length - 2} tokens so at least one new "
+                              "token fits")
+    if max_new_tokens > room:
+        raise GenerationError(f"{max_new_tokens_name} {max_new_tokens}: the {len(ids)}-token prompt leaves room for "
+                              f"{room} new tokens in the model's context of {seq_length}; use "
+                              f"{max_new_tokens_name} {room} or less, or a shorter prompt")
+    return ids
 
 
 def pick_token(logits: torch.Tensor, *, top_p: float, temperature: float, generator) -> int:
@@ -35,9 +57,10 @@ def _last_stage_source(engine) -> int:
 
 def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, micro_batch: int,
              top_p: float = 0.0, temperature: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-             should_stop=None) -> list:
-    """Collective over all ranks; returns prompt + generated ids on every rank. `should_stop(tokens)`, if
-    given, ends generation early (every rank sees the same tokens, so all decide alike)."""
+             eos_id: int = EOS_ID, pad_id: int = PAD_ID, should_stop=None) -> list:
+    """Collective over all ranks; returns prompt + generated ids on every rank (special ids: the tokenizer's,
+    OPT's by default). `should_stop(tokens)`, if given, ends generation early (every rank sees the same
+    tokens, so all decide alike)."""
     tokens = list(prompt_ids)
     if not tokens or len(tokens) >= seq_length:
         raise ValueError(f"prompt must hold 1..{seq_length - 1} tokens, got {len(tokens)}")
@@ -47,7 +70,7 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
     for _ in range(max_new_tokens):
         if len(tokens) >= seq_length:
             break
-        batch = torch.full((micro_batch, seq_length), PAD_ID, dtype=torch.long)
+        batch = torch.full((micro_batch, seq_length), pad_id, dtype=torch.long)
         batch[:, :len(tokens)] = torch.tensor(tokens)
         dummy_labels = (torch.zeros_like(batch), torch.zeros(batch.shape))
         engine.total_loss = None    # eval_batch adds outputs onto the last training step's loss otherwise
@@ -60,15 +83,16 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
         dist.broadcast(choice, src=source)
         token = int(choice.item())
         tokens.append(token)
-        if (stop_at_eos and token == EOS_ID) or (should_stop is not None and should_stop(tokens)):
+        if (stop_at_eos and token == eos_id) or (should_stop is not None and should_stop(tokens)):
             break
     return tokens
 
 
 def sample_text(engine, tokenizer, prompt: str, *, seq_length: int, micro_batch: int, max_new_tokens: int,
                 top_p: float, temperature: float, seed: int) -> str:
-    """Continue `prompt` (OPT prepends </s> as BOS) and return the decoded continuation."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)[-(seq_length - 1):]
-    ids = generate(engine, prompt_ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
-                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed)
-    return tokenizer.decode(ids[len(prompt_ids):])
+    """Continue `prompt` (after the tokenizer's BOS; OPT's is </s>) and return the decoded continuation."""
+    ids = prompt_ids(tokenizer, prompt, seq_length=seq_length, max_new_tokens=max_new_tokens)
+    out = generate(engine, ids, max_new_tokens=max_new_tokens, seq_length=seq_length,
+                   micro_batch=micro_batch, top_p=top_p, temperature=temperature, seed=seed,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return tokenizer.decode(out[len(ids):])

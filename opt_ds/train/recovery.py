@@ -95,9 +95,9 @@ class Supervisor:
             signals.clear_marker(train.save_dir)
             resumed_here = resumed is not None and resumed.directory.resolve() == Path(train.save_dir).resolve()
             moved = checkpoint.set_aside_newer(train.save_dir, t.state.step if resumed_here else -1)
+            if resumed_here and checkpoint.latest_tag(train.save_dir) != resumed.tag:
+                checkpoint.point_latest(train.save_dir, resumed.tag)
             if moved:
-                if resumed_here:
-                    checkpoint.point_latest(train.save_dir, resumed.tag)
                 origin = f"resumed from {resumed.folder}" if resumed else "started from scratch"
                 print(f"[opt_ds] WARNING: {origin}: the checkpoints {', '.join(moved)} in {train.save_dir} belong "
                       f"to another trajectory and were moved to {Path(train.save_dir) / checkpoint.ABANDONED}",
@@ -124,9 +124,10 @@ class Supervisor:
                                       loss_scale=record.get("loss_scale"),
                                       overflow=t.engine.skipped_steps > self._skipped_before,
                                       replica_norms=replica_norms)
+        bar = self.monitor.bar()            # the bar this step was judged against
         local = self.monitor.observe(observation)
-        if self.monitor.ewm is not None:
-            record["loss_ewm"] = self.monitor.ewm
+        if bar is not None:
+            record["spike_threshold"] = bar.threshold
         record["clip_grad"] = float(getattr(t.engine.optimizer, "clip_grad", t.engine.gradient_clipping()))
         if replica_norms and min(replica_norms) > 0 and math.isfinite(max(replica_norms)):
             record["replica_norm_spread"] = max(replica_norms) / min(replica_norms)   # vs health.replica_norm_ratio
@@ -164,12 +165,19 @@ class Supervisor:
         if scale is not None:
             reasons += [a.message for a in self.monitor.loss_scale_anomalies(float(scale))]
         healthy = not reasons
+        bar = self.monitor.bar()
+        median = None if bar is None else bar.reference
         if healthy and state.diverged_at is not None and state.step > state.diverged_at:
             state.retries = 0           # a healthy checkpoint past the last divergence: the budget is whole again
         state.health = self.monitor.state_dict()
         return {"healthy": healthy, "reasons": reasons, "step": state.step, "data_step": state.data_step,
-                "loss_ewm": self.monitor.ewm, "loss_scale": None if scale is None else float(scale),
+                "loss_median": median, "loss_scale": None if scale is None else float(scale),
                 "lr_scale": state.lr_scale}
+
+    def in_publish_gap(self) -> None:
+        """Rank 0, inside checkpoint.save: the old copy of a re-saved step is set aside, the new not yet in."""
+        if self.faults is not None:
+            self.faults.in_publish_gap(self.trainer.state.step)
 
     def after_save(self, path: Path) -> None:
         t, ckpt = self.trainer, self.run.checkpoint
@@ -256,7 +264,7 @@ class Supervisor:
                   f"{after.data_step + 1}" if skip else "data not skipped (suspected hardware: replaying it)")
         lines = [
             f"detected at step {detected}: {verdict.summary()}",
-            f"restored {target.tag} (marked healthy; loss EWM {_fmt(health.get('loss_ewm'))}, loss scale "
+            f"restored {target.tag} (marked healthy; recent loss median {_fmt(health.get('loss_median'))}, loss scale "
             f"{_fmt(health.get('loss_scale'))})",
             window,
             f"peak learning rate {peak_before:.4g} → {peak_after:.4g} (x{lr_factor:g}; x{after.lr_scale:.4g} of "

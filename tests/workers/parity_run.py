@@ -13,7 +13,7 @@ import torch.distributed as dist
 from opt_ds.config import load_config
 from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.parallel.gather import gather_full_state
-from opt_ds.parallel.pipe import TIED_EMBEDDING_KEY
+from opt_ds.models.opt.pipeline import TIED_EMBEDDING_KEY
 from opt_ds.train.loop import Trainer
 
 

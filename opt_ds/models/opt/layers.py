@@ -11,7 +11,9 @@ Attention runs through torch's scaled_dot_product_attention (flash kernels on GP
 ordered per head `[q_h, k_h, v_h]` (Megatron's `[np, 3, hn]`), so a TP shard is a contiguous slice of the
 full matrix and resharding is a plain chunk/cat on dim 0.
 
-Pipeline assembly, topology and launch code do not belong here (see opt_ds.parallel).
+Every TP layer takes the tensor-parallel group explicitly (`tp_group`, from ParallelLayout); None builds a
+TP=1 model without any process group (enough to count parameters or load weights on `meta`).
+The pipeline layer list is in opt_ds.models.opt.pipeline; topology and launch code are in opt_ds.parallel.
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ from torch import nn
 
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
-from megatron.core.parallel_state import get_tensor_model_parallel_world_size
 
-from opt_ds.models.presets import OPTShape, PAD_ID, POSITION_OFFSET
+from opt_ds.models.opt.shape import OPTShape, PAD_ID, POSITION_OFFSET
 
 
 def normal_init(std: float):
@@ -57,11 +58,11 @@ def _zero_padding_row(init):
 class OPTTokenEmbedding(nn.Module):
     """Token embedding split over TP ranks by vocabulary rows. Tied with the LM head."""
 
-    def __init__(self, shape: OPTShape, mp_config):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
         super().__init__()
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             shape.vocab_size, shape.embed_dim,
-            init_method=_zero_padding_row(normal_init(shape.init_std)), config=mp_config)
+            init_method=_zero_padding_row(normal_init(shape.init_std)), config=mp_config, tp_group=tp_group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
@@ -69,7 +70,7 @@ class OPTTokenEmbedding(nn.Module):
 
 def lm_logits(embedding: OPTTokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
     """Tied output head: logits for this TP rank's slice of the vocabulary, [batch, seq, vocab/TP]."""
-    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=embedding.word_embeddings.tp_group)
     return F.linear(hidden, embedding.word_embeddings.weight)
 
 
@@ -97,19 +98,18 @@ class OPTPositions(nn.Module):
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, shape: OPTShape, mp_config):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
-        self.heads_per_rank = shape.num_heads // tp
+        self.heads_per_rank = shape.num_heads // mp_config.tensor_model_parallel_size
         self.head_dim = shape.head_dim
         self.attention_dropout = shape.attention_dropout
         self.qkv = tensor_parallel.ColumnParallelLinear(
             shape.hidden_size, 3 * shape.hidden_size, config=mp_config,
-            init_method=normal_init(shape.init_std), bias=True, gather_output=False)
+            init_method=normal_init(shape.init_std), bias=True, gather_output=False, tp_group=tp_group)
         self.out_proj = tensor_parallel.RowParallelLinear(
             shape.hidden_size, shape.hidden_size, config=mp_config,
             init_method=normal_init(output_projection_std(shape)), bias=True,
-            input_is_parallel=True, skip_bias_add=False)
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -126,15 +126,15 @@ class OPTAttention(nn.Module):
 
 
 class OPTMLP(nn.Module):
-    def __init__(self, shape: OPTShape, mp_config):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
         super().__init__()
         self.fc1 = tensor_parallel.ColumnParallelLinear(
             shape.hidden_size, shape.ffn_hidden_size, config=mp_config,
-            init_method=normal_init(shape.init_std), bias=True, gather_output=False)
+            init_method=normal_init(shape.init_std), bias=True, gather_output=False, tp_group=tp_group)
         self.fc2 = tensor_parallel.RowParallelLinear(
             shape.ffn_hidden_size, shape.hidden_size, config=mp_config,
             init_method=normal_init(output_projection_std(shape)), bias=True,
-            input_is_parallel=True, skip_bias_add=False)
+            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.fc1(x)
@@ -145,14 +145,14 @@ class OPTMLP(nn.Module):
 class OPTDecoderLayer(nn.Module):
     """One transformer block. Pre-LN: x + f(LN(x)); post-LN (opt-350m): LN(x + f(x))."""
 
-    def __init__(self, shape: OPTShape, mp_config):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
         super().__init__()
         self.pre_layer_norm = shape.pre_layer_norm
         self.dropout = shape.dropout
         self.self_attn_layer_norm = _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps))
-        self.self_attn = OPTAttention(shape, mp_config)
+        self.self_attn = OPTAttention(shape, mp_config, tp_group)
         self.final_layer_norm = _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps))
-        self.mlp = OPTMLP(shape, mp_config)
+        self.mlp = OPTMLP(shape, mp_config, tp_group)
 
     def _residual(self, x, norm, sublayer):
         if self.pre_layer_norm:
