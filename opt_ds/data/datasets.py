@@ -111,6 +111,7 @@ def build_datasets(blend: list[tuple[str | os.PathLike, float]], split: str, seq
         raise DataError(f"need seq_length >= 1, num_train_samples >= 1, num_valid_samples >= 0; got "
                         f"{seq_length}, {num_train_samples}, {num_valid_samples}")
     prefixes, weights, want_valid, vocab_size = check_corpora(blend, split, num_valid_samples, vocab_size)
+    shares = _check_split(split)
     cache_dir = Path(cache_dir if cache_dir is not None else Path(prefixes[0]).parent / "index-cache").absolute()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
