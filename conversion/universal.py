@@ -114,7 +114,7 @@ class UniversalReader:
         for key, (role, name) in names.global_names.items():
             index = special_layer_index(role, self.shape)
             param = f"tied_modules.{tied}.{name}" if tied and index == 0 else f"{index}.{name}"
-            if (self.zero / param).is_dir():
+            if key in names.vocab_keys or (self.zero / param).is_dir():     # the vocabulary tensors are required
                 out[key] = self._param(param, meta)
         for key in names.vocab_keys:
             out[key] = out[key][:self.shape.vocab_size]

@@ -92,6 +92,14 @@ case("expected-string", lambda t, r: config(path=t / "c.yaml"), "precision.dtype
 case("unknown-preset", lambda t, r: load_config(None, ["model.preset=opt-7b"]), "model.preset:", "opt-6.7b")
 case("no-preset-no-shape", lambda t, r: load_config(None, ["model.num_layers=2"]),
      "set model.preset (e.g. opt-125m) or all of hidden_size, num_heads, ffn_hidden_size")
+case("unknown-family", lambda t, r: config("model.family=gpt"), "model.family: unknown model family 'gpt'",
+     "choose one of opt, llama")
+case("family-disagrees-with-preset", lambda t, r: load_config(None, ["model.preset=opt-125m", "model.family=llama"]),
+     "model.family llama disagrees with model.preset opt-125m", "drop model.family or pick a llama preset")
+case("key-of-another-family", lambda t, r: config("model.num_kv_heads=2"),
+     "model.num_kv_heads is not a setting of the opt family", "remove it")
+case("llama-kv-heads-not-dividing", lambda t, r: config("model.family=llama", "model.num_kv_heads=3"),
+     "model: num_heads 4 is not divisible by num_kv_heads 3", "choose num_kv_heads from 1, 2, 4")
 
 # config/resolve.py
 case("hidden-not-divisible-by-heads", lambda t, r: config("model.num_heads=3"),
@@ -258,6 +266,24 @@ class Resources:
         write_metaseq_parts(self.hf_model, path, parts=2)
         return path
 
+    @cached_property
+    def meta_dir(self) -> Path:
+        """A 2-shard Meta LLaMA release (params.json + consolidated.0N.pth) of test_conversion_llama_meta's shape."""
+        from hf_llama_reference import random_hf_llama
+        from test_conversion_llama_meta import SHAPE, write_meta
+        path = self.root / "meta"
+        write_meta(random_hf_llama(SHAPE), path)
+        return path
+
+    @cached_property
+    def hf_tokenizer(self) -> Path:
+        """A Hugging Face tokenizer.json whose tokens name no end-of-document token (<s>, </s>, ... absent)."""
+        from tokenizers import Tokenizer, models
+        path = self.root / "hf-tok" / "tokenizer.json"
+        path.parent.mkdir()
+        Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]")).save(str(path))
+        return path
+
 
 def converting(src, dst, **options):
     from conversion.convert import Options, convert
@@ -353,6 +379,28 @@ case("tokenizer-merges", _tokenizer, "cannot load", "merges.txt",
      setup=lambda t, r: _write_tokenizer(t, json.dumps(SPECIALS), "#version: 0.2\nq z\n"))
 case("tokenizer-too-small", lambda t, r: importlib.import_module("opt_ds.data.tokenizer").train_bpe(
     ["a b"], 10, t / "out"), "vocabulary size 10 is too small", "at least 260")
+
+
+def _hf_tokenizer(t, r):
+    return importlib.import_module("opt_ds.data.tokenizer").load_tokenizer(t / "tok")
+
+
+def _hf_tokenizer_dir(t, r, config: str = None, tokenizer: str = None):
+    (t / "tok").mkdir()
+    if tokenizer is None:
+        shutil.copyfile(r.hf_tokenizer, t / "tok" / "tokenizer.json")
+    else:
+        (t / "tok" / "tokenizer.json").write_text(tokenizer)
+    if config is not None:
+        (t / "tok" / "tokenizer_config.json").write_text(config)
+
+
+case("hf-tokenizer-unloadable", _hf_tokenizer, "cannot load", "tokenizer.json",
+     setup=lambda t, r: _hf_tokenizer_dir(t, r, tokenizer='{"model": {"type": "BPE"}}'))
+case("hf-tokenizer-no-eos", _hf_tokenizer, "tokenizer.json: cannot tell its end-of-document token",
+     "put a tokenizer_config.json with an eos_token beside it", setup=_hf_tokenizer_dir)
+case("hf-tokenizer-config-invalid", _hf_tokenizer, "cannot read", "tokenizer_config.json",
+     setup=lambda t, r: _hf_tokenizer_dir(t, r, config="{not json"))
 
 
 # data/preprocess.py, sources.py, workdir.py
@@ -509,8 +557,8 @@ case("conv-dst-not-empty", lambda t, r: conv(t, r, r.hf_dir, to="hf"), "is not e
      setup=lambda t, r: ((t / "dst").mkdir(), (t / "dst" / "x").write_text("x")))
 
 # conversion/hf.py
-case("hf-model-type", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "model_type is 'llama', not 'opt'",
-     setup=lambda t, r: _edit_config(t, r, model_type="llama"))
+case("hf-model-type", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "model_type is 'gpt2'",
+     "only 'opt' and 'llama' models convert", setup=lambda t, r: _edit_config(t, r, model_type="gpt2"))
 case("hf-variant", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "activation_function='gelu'",
      "it needs activation_function='relu'", setup=lambda t, r: _edit_config(t, r, activation_function="gelu"))
 case("hf-lacks-hidden-size", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "config.json lacks 'hidden_size'",
@@ -561,6 +609,29 @@ def _hf_with_state(t, r, edit):
 case("hf-shapes", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "the tensors do not match the model configuration",
      setup=lambda t, r: _hf_with_state(t, r, lambda s: s.pop("model.decoder.layers.0.fc1.bias")))
 
+
+# conversion/llama.py: a LLaMA config.json (read before any weight file, so the directory holds only it)
+def _llama_config(t, r, **changes):
+    from conversion.llama import config_from_shape
+    from test_conversion_llama_meta import SHAPE
+    config = config_from_shape(SHAPE, torch.float32)
+    for key, value in changes.items():
+        if value is ...:
+            config.pop(key)
+        else:
+            config[key] = value
+    (t / "llama").mkdir()
+    (t / "llama" / "config.json").write_text(json.dumps(config))
+
+
+case("llama-unimplemented", lambda t, r: conv(t, r, t / "llama", to="opt_ds"), "rope_scaling=",
+     "is not implemented by opt_ds's LLaMA", "refusing rather than ignoring it",
+     setup=lambda t, r: _llama_config(t, r, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+case("llama-lacks-key", lambda t, r: conv(t, r, t / "llama", to="opt_ds"), "config.json lacks 'intermediate_size'",
+     "not a complete LLaMA config", setup=lambda t, r: _llama_config(t, r, intermediate_size=...))
+case("llama-bad-shape", lambda t, r: conv(t, r, t / "llama", to="opt_ds"), "config.json: num_heads 8 is not divisible "
+     "by num_kv_heads 3", setup=lambda t, r: _llama_config(t, r, num_key_value_heads=3))
+
 # conversion/canonical.py
 case("canonical-heads", lambda t, r: importlib.import_module("conversion.canonical").check_model_shape(
     importlib.import_module("opt_ds.models.presets").OPTShape(2, 30, 4, 64)), "hidden size 30 is not divisible by 4")
@@ -604,12 +675,12 @@ case("ods-damaged", lambda t, r: conv(t, r, t / "ods", to="hf"), "is damaged (",
      "restore it from a copy", setup=lambda t, r: _with_manifest(
          t, r, lambda tag: rewrite_idx(tag / "layer_02-model_00-model_states.pt", 200, b"\x00\x01\x02\x03")))
 case("ods-merge-ranks", lambda t, r: importlib.import_module("conversion.opt_ds_format").merge_state(
-    [{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], "layer_00"), "TP rank 1 holds tensors ['b']")
+    [{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], "layer_00", {}), "TP rank 1 holds tensors ['b']")
 case("ods-layout-heads", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", tp=3), "--tp 3 does not divide the 4 attention "
      "heads", "1, 2, 4")
 case("ods-layout-ffn", lambda t, r: importlib.import_module("conversion.opt_ds_format").check_layout(
-    importlib.import_module("opt_ds.models.presets").OPTShape(2, 32, 4, 66), 4, 1), "--tp 4 does not divide the FFN "
-     "size 66")
+    importlib.import_module("opt_ds.models.presets").OPTShape(2, 32, 4, 66), 4, 1), "--tp 4 does not divide "
+     "ffn_hidden_size 66", "use one of 1, 2, 3, 6, 11, 22, 33, 66")
 case("ods-layout-pp", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", pp=5), "--pp 5 is more pipeline stages than the 4")
 case("ods-not-dir", lambda t, r: conv(t, r, t / "f", to="hf", src_format="opt_ds"), "an opt_ds checkpoint is a directory",
      setup=lambda t, r: (t / "f").write_text("x"))
@@ -698,6 +769,77 @@ case("universal-no-shape", lambda t, r: conv(t, r, t / "u", to="hf"), "no `opt_m
      setup=lambda t, r: _universal(t, r, with_shape=False))
 case("universal-missing-param", lambda t, r: conv(t, r, t / "u", to="hf"), "fp32.pt is missing; the universal "
      "checkpoint is incomplete", setup=_universal)
+
+
+# conversion/meta.py
+def _meta(t, r, edit=None) -> Path:
+    """A copy of the 2-shard Meta release; `edit(folder)` damages it."""
+    _copy(r.meta_dir, t / "meta")
+    if edit is not None:
+        edit(t / "meta")
+    return t / "meta"
+
+
+def _meta_shards(edit):
+    """Rewrite every consolidated.NN.pth with `edit(rank, state)`."""
+    def damage(folder):
+        for rank, path in enumerate(sorted(folder.glob("consolidated.*.pth"))):
+            torch.save(edit(rank, torch.load(path)), path)
+    return damage
+
+
+def _meta_params(**changes):
+    def damage(folder):
+        params = json.loads((folder / "params.json").read_text())
+        (folder / "params.json").write_text(json.dumps({**params, **changes}))
+    return damage
+
+
+def _meta_conv(t, r, **options):
+    return conv(t, r, t / "meta", **{"to": "opt_ds", **options})
+
+
+case("meta-no-shards", lambda t, r: _meta_conv(t, r, src_format="meta"), "no consolidated.NN.pth files; not a Meta "
+     "LLaMA checkpoint", setup=lambda t, r: _meta(t, r, lambda d: [p.unlink() for p in d.glob("consolidated.*")]))
+case("meta-shard-twice", _meta_conv, "consolidated.01.pth, consolidated.1.pth are the same shard number twice",
+     "keep one file per model-parallel rank",
+     setup=lambda t, r: _meta(t, r, lambda d: shutil.copyfile(d / "consolidated.01.pth", d / "consolidated.1.pth")))
+case("meta-shard-missing", _meta_conv, "consolidated.01.pth is missing (found shards [0, 2])",
+     "copy every consolidated.NN.pth of the release",
+     setup=lambda t, r: _meta(t, r, lambda d: (d / "consolidated.01.pth").rename(d / "consolidated.02.pth")))
+case("meta-no-params", lambda t, r: _meta_conv(t, r, src_format="meta"), "no params.json; not a Meta LLaMA checkpoint",
+     setup=lambda t, r: _meta(t, r, lambda d: (d / "params.json").unlink()))
+case("meta-params-invalid", _meta_conv, "params.json: not valid JSON",
+     setup=lambda t, r: _meta(t, r, lambda d: (d / "params.json").write_text("{")))
+case("meta-other-tensors", _meta_conv, "consolidated.01.pth holds other tensors than consolidated.00.pth",
+     "the shards come from different models", setup=lambda t, r: _meta(t, r, _meta_shards(
+         lambda rank, s: {**s, "extra.weight": torch.zeros(1)} if rank == 1 else s)))
+case("meta-shapes-disagree", _meta_conv, "consolidated.01.pth: layers.0.attention.wo.weight has shape (64, 16)",
+     "the shards' shapes disagree", setup=lambda t, r: _meta(t, r, _meta_shards(
+         lambda rank, s: {**s, "layers.0.attention.wo.weight": s["layers.0.attention.wo.weight"][:, :16]}
+         if rank == 1 else s)))
+case("meta-shard-duplicated", _meta_conv, "consolidated.00.pth and consolidated.01.pth hold the same embedding slice",
+     "a shard is duplicated under another number",
+     setup=lambda t, r: _meta(t, r, lambda d: shutil.copyfile(d / "consolidated.00.pth", d / "consolidated.01.pth")))
+case("meta-params-lacks", _meta_conv, "params.json lacks 'n_heads'",
+     setup=lambda t, r: _meta(t, r, lambda d: (d / "params.json").write_text(json.dumps(
+         {k: v for k, v in json.loads((d / "params.json").read_text()).items() if k != "n_heads"}))))
+case("meta-shard-count", _meta_conv, "1 shards of tok_embeddings give dim 32, params.json says 64",
+     "a shard is missing or extra (the release has 2 consolidated.NN.pth files)",
+     setup=lambda t, r: _meta(t, r, lambda d: (d / "consolidated.01.pth").unlink()))
+case("meta-vocab", _meta_conv, "params.json: vocab_size 999 but tok_embeddings has 250 rows",
+     setup=lambda t, r: _meta(t, r, _meta_params(vocab_size=999)))
+case("meta-ffn-width", _meta_conv, "multiple_of/ffn_dim_multiplier give an FFN of 256, the weights 176",
+     setup=lambda t, r: _meta(t, r, _meta_params(multiple_of=256)))
+case("meta-bad-shape", _meta_conv, "params.json: num_heads 8 is not divisible by num_kv_heads 3",
+     setup=lambda t, r: _meta(t, r, _meta_params(n_kv_heads=3)))
+case("meta-unexpected", _meta_conv, "unexpected tensors ['layers.2.attention.wq.weight'] for a 2-layer model per "
+     "params.json", setup=lambda t, r: _meta(t, r, _meta_shards(
+         lambda rank, s: {**s, "layers.2.attention.wq.weight": s["layers.1.attention.wq.weight"]})))
+case("meta-from-opt", lambda t, r: conv(t, r, r.hf_dir, to="meta"), "only LLaMA models have a Meta release layout",
+     "choose another --to")
+case("meta-parts", lambda t, r: conv(t, r, r.meta_dir, to="meta", tp=3), "--tp 3 shards do not divide the heads 8",
+     "choose a shard count that does")
 
 
 # conversion/metaseq.py
@@ -802,6 +944,8 @@ case("metaseq-parts", lambda t, r: conv(t, r, r.hf_dir, to="metaseq", tp=3), "--
      "divide the 4 attention heads")
 case("metaseq-layout", lambda t, r: conv(t, r, r.hf_dir, to="metaseq", metaseq_layout="flat"),
      "unknown metaseq layout 'flat'")
+case("metaseq-from-llama", lambda t, r: conv(t, r, r.meta_dir, to="metaseq"), "metaseq checkpoints hold OPT models "
+     "only", "convert a LLaMA to hf, meta or opt_ds")
 case("metaseq-restored-parts", lambda t, r: importlib.import_module("conversion.metaseq").write(
     None, t / "dst", parts=2, layout="restored"),
      "restored.pt is a single file (MP=1)")
@@ -861,15 +1005,22 @@ def test_user_error_message(row, outcomes):
 
 
 def user_error_raise_sites() -> set:
-    """(file, line) of every `raise X(...)` in PACKAGES where X is a UserError subclass."""
+    """(file, line) of every `raise X(...)` in PACKAGES where X is a UserError subclass (X a module global, or
+    imported inside a function: `from conversion.files import ConversionError`)."""
     sites = set()
     for package in PACKAGES:
         for path in sorted((REPO / package).glob("*.py")):
             module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
-            for node in ast.walk(ast.parse(path.read_text())):
+            tree = ast.parse(path.read_text())
+            local = {alias.asname or alias.name: (node.module, alias.name) for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 for alias in node.names}
+            for node in ast.walk(tree):
                 if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and \
                         isinstance(node.exc.func, ast.Name):
                     cls = getattr(module, node.exc.func.id, None)
+                    if cls is None and node.exc.func.id in local:
+                        source, name = local[node.exc.func.id]
+                        cls = getattr(importlib.import_module(source), name, None)
                     if isinstance(cls, type) and issubclass(cls, UserError):
                         sites.add((str(path.relative_to(REPO)), node.lineno))
     return sites
