@@ -200,7 +200,7 @@ def test_vocabulary_checked_without_the_tokenizer_folder(corpora, capsys, tmp_pa
 
 
 def test_prompt_too_long_for_the_context_is_found_before_training(capsys, tmp_path):
-    err = train_refused(capsys, tmp_path, "sample.prompt=" + "word " * 40, "data.tokenizer=opt")
+    err = train_refused(capsys, tmp_path, "sample.prompt=" + " ".join(["word"] * 40), "data.tokenizer=opt")
     assert "the prompt is 41 tokens (with BOS), but the model's context is 32 tokens" in err
 
 

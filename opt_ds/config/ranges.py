@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from opt_ds.config.sections import (BatchConfig, BlendEntry, CheckpointConfig, ConfigError, DataConfig, FaultsConfig,
                                     HealthConfig, ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig,
-                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig, WandbConfig)
+                                    RecoveryConfig, RunConfig, SampleConfig, TrainConfig, WandbConfig, EvalConfig)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ RANGES = {
     },
     DataConfig: {
         "synthetic": OneOf(("random", "arithmetic")),
+        "split_seed": Range(0, 2 ** 32 - 1, fix="a non-negative 32-bit integer that shuffles the documents before "
+                                                 "the split, e.g. data.split_seed=1234"),
         "train": Unchecked("checked in resolve.py (not empty) and before training (the files)"),
     },
     TrainConfig: {
@@ -165,6 +167,12 @@ RANGES = {
         "save_dir": Folder("name a folder for the checkpoints (it is created if missing)"),
         "load_dir": Folder("name the train.save_dir folder of the run to resume from"),
         "log_dir": Folder("name a folder for metrics.jsonl (it is created if missing)"),
+    },
+    EvalConfig: {
+        "num_fewshot": at_least(0, "examples shown before each question, e.g. eval.num_fewshot=0, or null for each "
+                                   "task's default"),
+        "limit": at_least(1, "documents per task, e.g. eval.limit=100, or null for all"),
+        "interval": at_least(0, "steps between downstream evaluations; 0 follows train.eval_interval"),
     },
     WandbConfig: {
         "mode": OneOf(("online", "offline", "disabled"), "offline writes files only, for `wandb sync` later"),

@@ -18,19 +18,10 @@ from opt_ds.eval import perplexity as ppl
 from opt_ds.eval import tasks as harness_tasks
 
 
-def check_settings(settings) -> None:
-    from opt_ds.config import ConfigError
-    if settings.interval < 0 or (settings.limit is not None and settings.limit < 1) or \
-            (settings.num_fewshot is not None and settings.num_fewshot < 0):
-        raise ConfigError(f"eval: need interval >= 0, limit >= 1 (or null), num_fewshot >= 0 (or null); got "
-                          f"interval={settings.interval}, limit={settings.limit}, num_fewshot={settings.num_fewshot}")
-
-
 class DownstreamEvaluation:
     def __init__(self, cfg: ResolvedConfig):
         from opt_ds.train.loop import run_tokenizer
         self.settings = cfg.run.eval
-        check_settings(self.settings)
         self.seq_length = cfg.run.batch.seq_length
         self.micro_batch = cfg.run.batch.micro_batch_size
         self.interval = self.settings.interval or cfg.run.train.eval_interval
