@@ -329,6 +329,9 @@ case("data-tokenizer-beyond-vocab", lambda t, r: build([(r.corpus, 1.0)], vocab=
      "vocabulary of 50265 entries, more than vocab_size=1000", "raise the model's vocabulary size")
 case("data-mixed-tokenizers", lambda t, r: build([(r.corpus, 1.0), (r.other_corpus, 1.0)]), "mixes tokenizers",
      "same --tokenizer")
+case("data-blend-valid-too-short", lambda t, r: build([(r.corpus, 1.0), (r.corpus, 1.0)], seq=64, cache=t / "cache"),
+     "the valid part of a corpus of the blend holds too few tokens for one sample of 64",
+     "give it a larger share of the split", may_write="cache")
 case("data-no-tokenizer-no-vocab", lambda t, r: build([(t / "bare" / "a", 1.0)], vocab=None),
      "no tokenizer saved beside", "pass vocab_size",
      setup=lambda t, r: copy_pair(r.corpus, t / "bare" / "a", tokenizer=False))
@@ -534,6 +537,8 @@ case("conv-tp-zero", lambda t, r: conv(t, r, r.hf_dir, to="metaseq", tp=0), "--t
 case("conv-num-heads", lambda t, r: conv(t, r, r.hf_dir, to="hf", num_heads=0), "--num-heads 0 must be >= 1")
 case("conv-shard-size", lambda t, r: conv(t, r, r.hf_dir, to="hf", max_shard_bytes=0), "--max-shard-size must be >= 1")
 case("conv-dtype", lambda t, r: conv(t, r, r.hf_dir, to="hf", dtype="fp64"), "--dtype 'fp64'", "fp32, fp16, bf16")
+case("conv-tokenizer-for-opt-ds", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", tokenizer="opt"),
+     "--tokenizer applies to --to hf", "opt_ds checkpoints hold weights only: drop it")
 case("conv-tp-for-hf", lambda t, r: conv(t, r, r.hf_dir, to="hf", tp=2), "--tp/--pp do not apply to hf")
 case("conv-pp-for-metaseq", lambda t, r: conv(t, r, r.hf_dir, to="metaseq", pp=2), "metaseq checkpoints have no "
      "pipeline stages")
@@ -744,6 +749,25 @@ def _vocab_rows(state):
 
 case("ods-embedding-rows", lambda t, r: conv(t, r, t / "ods", to="hf"), "the embedding has 128 rows over 2 TP rank(s), "
      "the recorded model 200", setup=lambda t, r: _meta_edit(t, r, _vocab_rows))
+
+
+# conversion/hf_tokenizer.py: the tokenizer an HF export carries
+def _run_tokenizer(folder: Path):
+    """A run config whose data.tokenizer names `folder`, recorded in the checkpoint as `opt-ds train` does."""
+    def edit(state):
+        from opt_ds.train.checkpoint import RUN_STATE_KEY
+        return {**state, RUN_STATE_KEY: {"config": {"data": {"tokenizer": str(folder)}}}}
+    return edit
+
+
+case("hf-tokenizer-argument", lambda t, r: conv(t, r, r.hf_dir, to="hf", tokenizer=str(t / "tok")),
+     "--tokenizer ", "tok: no tokenizer in", "use 'opt' for OPT's tokenizer")
+case("hf-tokenizer-beyond-vocab", lambda t, r: conv(t, r, r.hf_dir, to="hf", tokenizer="opt"),
+     "the tokenizer of --tokenizer opt has 50265 entries, more than the model's vocabulary of 127",
+     "pass the run's tokenizer with --tokenizer")
+case("hf-tokenizer-of-run", lambda t, r: conv(t, r, t / "ods", to="hf"), "ods: the run's tokenizer cannot be loaded",
+     "tok: expected vocab.json and merges.txt", "pass it with --tokenizer",
+     setup=lambda t, r: _meta_edit(t, r, _run_tokenizer(t / "tok")))
 
 # conversion/universal.py
 case("universal-no-optimizer", lambda t, r: conv(t, r, r.opt_ds_dir, to="universal"), "has no ZeRO optimizer files",
