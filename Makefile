@@ -22,7 +22,8 @@ demo: setup
 	bash launchers/demo.sh
 
 demo-llama: setup
-	DEMO_CONFIG=ds_configs/demo-llama.yaml DEMO_RUN_DIR=runs/demo-llama bash launchers/demo.sh
+	DEMO_CONFIG=ds_configs/demo-llama.yaml DEMO_RUN_DIR=runs/demo-llama DEMO_TOKENIZER_KIND=byte-fallback \
+		bash launchers/demo.sh
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

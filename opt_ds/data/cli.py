@@ -19,7 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="'opt' (OPT's GPT-2 BPE, bundled), a Hugging Face tokenizer.json (e.g. LLaMA's), or a "
                           "directory with tokenizer.json or vocab.json + merges.txt")
     tok.add_argument("--vocab-size", type=int, metavar="N",
-                     help="train a byte-level BPE of N entries on the (deduplicated) corpus instead")
+                     help="train a BPE of N entries (--tokenizer-kind) on the (deduplicated) corpus instead")
+    parser.add_argument("--tokenizer-kind", choices=("byte-level", "byte-fallback"), default="byte-level",
+                        help="what --vocab-size trains: 'byte-level' (default), GPT-2/OPT's BPE with OPT's special "
+                             "ids (vocab.json + merges.txt); 'byte-fallback', LLaMA's: a SentencePiece-style BPE "
+                             "whose unseen characters become byte pieces <0x00>..<0xFF>, <unk>=0 <s>=1 </s>=2 "
+                             "(tokenizer.json)")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="worker processes (default: min(4, CPUs)); the output does not depend on it")
@@ -47,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     inputs = list(args.inputs) + ([str(BUNDLED_CORPUS)] if args.bundled_corpus else [])
     cfg = PreprocessConfig(
         inputs=inputs, output_prefix=args.output_prefix, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        json_key=args.json_key, workers=args.workers, chunk_mb=args.chunk_mb, exact_dedup=args.exact_dedup,
-        near_dedup=args.near_dedup, near_threshold=args.near_threshold, skip_bad_records=args.skip_bad_records,
-        overwrite=args.overwrite, restart=args.restart)
+        tokenizer_kind=args.tokenizer_kind, json_key=args.json_key, workers=args.workers, chunk_mb=args.chunk_mb,
+        exact_dedup=args.exact_dedup, near_dedup=args.near_dedup, near_threshold=args.near_threshold,
+        skip_bad_records=args.skip_bad_records, overwrite=args.overwrite, restart=args.restart)
     try:  # bad input raises a UserError, which `opt-ds` prints as one line (exit status 2)
         summary = preprocess(cfg, progress=args.progress)
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ of resumption:
 1. scan: check every record (a bad one stops the run, or is counted and skipped), drop empty documents,
    exact duplicates and optionally near duplicates (the first copy is kept);
 2. tokenize: the kept documents of each chunk become one .bin/.idx shard in `<prefix>.partial/chunks/`.
-When no tokenizer is given, a byte-level BPE is trained on the kept documents between the two passes.
+When no tokenizer is given, a BPE is trained on the kept documents between the two passes: byte-level with
+OPT's special ids (`tokenizer_kind="byte-level"`), or LLaMA-style with byte fallback ("byte-fallback").
 The shards are then merged, and `<prefix>.bin/.idx/.tokenizer/.summary.json` are published by renames.
 An interrupted run leaves `<prefix>.partial/`; the same command run again reuses its scan, its tokenizer
 and every finished chunk. The output does not depend on the number of workers.
@@ -31,12 +32,15 @@ from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
 from opt_ds.data.sources import BadRecord, Document, InputError, expand_inputs, read_records
 from opt_ds.data.tokenizer import (MIN_VOCAB_SIZE, BPETokenizer, TokenizerError, load_tokenizer,
-                                   open_tokenizer_dir, train_bpe)
+                                   open_tokenizer_dir, train_bpe, train_byte_fallback_bpe)
 from opt_ds.data.workdir import Scan, WorkDir
 from opt_ds.errors import UserError
 
 MAX_RECORDS_PER_CHUNK = 100_000
 MAX_EXAMPLES = 20  # skipped records listed by location in the summary
+# --tokenizer-kind: what --vocab-size trains. byte-level: GPT-2/OPT's (vocab.json + merges.txt, OPT's special
+# ids); byte-fallback: LLaMA's (tokenizer.json, SentencePiece-style spaces, <unk>=0 <s>=1 </s>=2, byte pieces).
+TRAINERS = {"byte-level": train_bpe, "byte-fallback": train_byte_fallback_bpe}
 
 
 class PreprocessError(UserError):
@@ -48,7 +52,8 @@ class PreprocessConfig:
     inputs: list[str]
     output_prefix: str
     tokenizer: str | None = None  # "opt", a tokenizer.json, or a directory with it or vocab.json + merges.txt
-    vocab_size: int | None = None  # instead: train a byte-level BPE of this size on the corpus
+    vocab_size: int | None = None  # instead: train a BPE of this size on the corpus
+    tokenizer_kind: str = "byte-level"  # the kind trained with vocab_size: a key of TRAINERS
     json_key: str = "text"
     workers: int = 1
     chunk_mb: float = 1.0
@@ -92,9 +97,11 @@ def preprocess(cfg: PreprocessConfig, progress: bool | None = None) -> dict:
 # --- validation -----------------------------------------------------------------------------------------
 
 def _validate(cfg: PreprocessConfig) -> _Plan:
-    if (cfg.tokenizer is None) == (cfg.vocab_size is None):
+    if (cfg.tokenizer is None) == (cfg.vocab_size is None) or cfg.tokenizer_kind not in TRAINERS or \
+            (cfg.tokenizer is not None and cfg.tokenizer_kind != "byte-level"):
         raise PreprocessError("give exactly one of --tokenizer (opt, a tokenizer.json, or a directory with vocab.json + merges.txt) "
-                              "and --vocab-size (train a BPE of that size on the corpus)")
+                              "and --vocab-size (train a BPE of that size on the corpus; --tokenizer-kind, "
+                              f"one of {', '.join(TRAINERS)}, goes only with it)")
     if cfg.vocab_size is not None and not MIN_VOCAB_SIZE <= cfg.vocab_size < 2 ** 31:
         raise PreprocessError(f"--vocab-size {cfg.vocab_size} is out of range: a byte-level BPE needs at least "
                               f"{MIN_VOCAB_SIZE} entries (4 special tokens + 256 bytes)")
@@ -139,6 +146,8 @@ def _fingerprint(plan: _Plan) -> dict:
     options = asdict(cfg)
     for irrelevant in ("inputs", "output_prefix", "tokenizer", "workers", "overwrite", "restart"):
         options.pop(irrelevant)
+    if options["tokenizer_kind"] == "byte-level":
+        options.pop("tokenizer_kind")  # the default: fingerprints from before the option still match
     return {"format": 1, "inputs": inputs, "tokenizer_sha256": tokenizer_digest, **options}
 
 
@@ -265,9 +274,9 @@ def _prepare_tokenizer(plan: _Plan, work: WorkDir, keep: np.ndarray) -> BPEToken
     if plan.tokenizer is not None:
         plan.tokenizer.save(work.tokenizer)
         return open_tokenizer_dir(work.tokenizer)
-    print(f"training a byte-level BPE of {plan.cfg.vocab_size} entries on {int(keep.sum())} documents",
-          file=sys.stderr)
-    return train_bpe(_kept_texts(plan, keep), plan.cfg.vocab_size, work.tokenizer)
+    kind = plan.cfg.tokenizer_kind
+    print(f"training a {kind} BPE of {plan.cfg.vocab_size} entries on {int(keep.sum())} documents", file=sys.stderr)
+    return TRAINERS[kind](_kept_texts(plan, keep), plan.cfg.vocab_size, work.tokenizer)
 
 
 _WORKER_TOKENIZER: BPETokenizer | None = None
@@ -339,13 +348,14 @@ def _tokenize(plan: _Plan, work: WorkDir, keep: np.ndarray, progress: bool) -> t
 def _summary(plan: _Plan, scan: Scan, tokenizer: BPETokenizer, chunks: list[dict], resumed: int,
              started: float) -> dict:
     cfg = plan.cfg
+    trained = "trained" if cfg.tokenizer_kind == "byte-level" else f"trained {cfg.tokenizer_kind}"
     return {
         "output_prefix": str(plan.out.prefix),
         "inputs": [str(p) for p in plan.inputs],
         **scan.counts,
         "tokens": sum(c["tokens"] for c in chunks),
         "skipped_examples": scan.examples,
-        "tokenizer": {"source": cfg.tokenizer if cfg.tokenizer is not None else f"trained (asked {cfg.vocab_size})",
+        "tokenizer": {"source": cfg.tokenizer if cfg.tokenizer is not None else f"{trained} (asked {cfg.vocab_size})",
                       "directory": str(plan.out.tokenizer), "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id},
         "token_dtype": np.dtype(_token_dtype(tokenizer.vocab_size)).name,

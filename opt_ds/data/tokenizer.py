@@ -1,11 +1,13 @@
 """Tokenizers, on the `tokenizers` library: GPT-2 byte-level BPE with OPT's (fairseq) special-token ids, and
-any Hugging Face `tokenizer.json` (how LLaMA tokenizers ship) with its own special ids.
+any Hugging Face `tokenizer.json` (how LLaMA tokenizers ship) with its own special ids. Both kinds can be
+trained on a corpus: `train_bpe` (OPT's kind) and `train_byte_fallback_bpe` (LLaMA's kind).
 
 OPT's vocabulary puts `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3 first. OPT prepends `</s>` as BOS, and the
 preprocessor appends `</s>` after every document, so in a token stream `</s>` both ends one document and
 starts the next. The special tokens are plain vocabulary entries, not "added tokens": the text "</s>"
 inside a document is encoded as ordinary bytes, so any text round-trips exactly (byte-level BPE is
-lossless) and no document can forge a separator.
+lossless) and no document can forge a separator. A tokenizer.json's special tokens are likewise never
+matched inside a text.
 """
 from __future__ import annotations
 
@@ -122,6 +124,9 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(self.tokenizer_file))
         except Exception as err:  # tokenizers raises a bare Exception for a malformed file
             raise TokenizerError(f"cannot load {self.tokenizer_file}: {err}") from None
+        # The text "</s>" (or any special token's string) inside a document is encoded as text, never as the
+        # special id, so no document can forge a separator (transformers' split_special_tokens=True).
+        self._tok.encode_special_tokens = True
         self.config_file = self.tokenizer_file.parent / HF_TOKENIZER_CONFIG
         ids = {role: self._special_id(role) for role in KNOWN_SPECIALS}
         if ids["eos"] is None:
@@ -214,3 +219,64 @@ def tokenizer_of_run(data: dict):
     if data.get("train"):
         return open_tokenizer_dir(DatasetFiles.of(data["train"][0]["path"]).tokenizer)
     return None
+
+
+# LLaMA's layout: <unk>=0, <s>=1, </s>=2, then the 256 byte pieces <0x00>..<0xFF>, then the learnt pieces.
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+BYTE_PIECES = tuple(f"<0x{b:02X}>" for b in range(256))
+SPACE = "\u2581"  # SentencePiece's "▁", which stands for a space inside pieces
+
+
+def _llama_pipeline(tok, split: bool) -> None:
+    """Hugging Face's LLaMA pipeline (what transformers' LlamaTokenizer builds): no normalizer, spaces as "▁"
+    with one prepended to the text, byte pieces decoded back to bytes, and that first space stripped."""
+    from tokenizers import decoders, pre_tokenizers
+
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=split)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+
+
+def train_byte_fallback_bpe(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLike,
+                            min_frequency: int = 2) -> HFTokenizer:
+    """Train a LLaMA-style BPE with byte fallback of at most `vocab_size` entries and save it as tokenizer.json +
+    tokenizer_config.json in `output_dir` (replaced whole, atomically); returns it loaded as an HFTokenizer.
+
+    As in LLaMA's SentencePiece model: <unk>=0, <s>=1, </s>=2, the 256 byte pieces <0x00>..<0xFF> next, then
+    the characters and merges learnt from `texts`; pieces never span a space. A character outside the
+    vocabulary is encoded as the byte pieces of its UTF-8 bytes, so any text round-trips through
+    encode/decode, except that a leading space and the character "▁" itself decode as in transformers'
+    LlamaTokenizer (dropped, and a space). Transformers loads the directory with AutoTokenizer."""
+    from tokenizers import AddedToken, Tokenizer, models, processors, trainers
+
+    reserved = len(LLAMA_SPECIAL_TOKENS) + len(BYTE_PIECES)
+    if vocab_size < MIN_VOCAB_SIZE:  # callers check first: `opt-ds preprocess` refuses --vocab-size < 260
+        raise ValueError(f"vocabulary size {vocab_size} is too small: at least {MIN_VOCAB_SIZE}")
+    # Train the characters and merges alone (the byte pieces are added below, not learnt), with pieces split
+    # at spaces as SentencePiece does; the alphabet is capped so the result fits in `vocab_size`.
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    _llama_pipeline(learner, split=True)
+    learner.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size - len(BYTE_PIECES), min_frequency=min_frequency, show_progress=False,
+        special_tokens=list(LLAMA_SPECIAL_TOKENS), limit_alphabet=vocab_size - reserved))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = {token: i for i, token in enumerate((*LLAMA_SPECIAL_TOKENS, *BYTE_PIECES))}
+    for token, _ in sorted(learnt["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    _llama_pipeline(tok, split=False)  # as transformers builds it; pieces never span "▁", so the same ids
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA_SPECIAL_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": None, "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True,
+              "legacy": False, "clean_up_tokenization_spaces": False}
+    output_dir = Path(output_dir)
+    staging = atomic.staging_dir(output_dir)
+    tok.save(str(staging / HF_TOKENIZER_FILE))
+    (staging / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    atomic.replace(staging, output_dir)
+    return HFTokenizer(output_dir / HF_TOKENIZER_FILE)
