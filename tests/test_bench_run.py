@@ -75,4 +75,4 @@ def test_llama_case_runs_beside_its_hugging_face_peer(tmp_path):
     for row in rows:
         assert row["status"] == "ok", row
         assert row["loss"] == pytest.approx(6.93, abs=0.1)        # ln(1024): both models start uniform
-    assert "SwiGLU" in rows[0]["tflops"]["model"]["worked"]
+    assert "gated" in rows[0]["tflops"]["model"]["worked"]
