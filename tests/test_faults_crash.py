@@ -4,11 +4,14 @@ rank under launchers/slurm.sbatch stops every rank after the same step with a ch
 is requeued and resumes exactly."""
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
-from fault_runs import BASE, clean_run, events, train, trajectory
+from fault_runs import BASE, FAULT_INJECTION, clean_run, events, train, trajectory
 from multiproc import REPO, run
+
+WORKERS = Path(__file__).resolve().parent / "workers"
 
 
 def test_rank_killed_mid_save_leaves_the_previous_checkpoint_and_an_exact_resume(tmp_path):
@@ -27,14 +30,16 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint_and_an_exact_resume
 
 
 def test_crash_while_resaving_a_step_keeps_a_complete_copy_and_the_resume_exact(tmp_path):
-    """Re-saving a published step (here: resuming global_step10 and saving it again, as a requeued finished
-    run does) and dying between setting the old copy aside and renaming the new one in: the next start puts a
-    complete copy back and resumes from it bit for bit."""
+    """Re-saving a published step (here: resuming global_step10 and saving it again, as a stop signal right
+    after an interval save does) and dying between setting the old copy aside and renaming the new one in: the
+    next start puts a complete copy back and resumes from it bit for bit."""
     one_stage = [a for a in BASE if a != "parallel.pipeline=2"] + ["train.eval_interval=0"]
     train(tmp_path / "straight", "train.steps=20", base=one_stage, nproc=1)     # global_step10, 20
     ckpt = tmp_path / "straight" / "ckpt"
-    proc = train(tmp_path / "straight", "train.steps=10", "train.load_tag=global_step10", f"train.log_dir={tmp_path}",
-                 "faults.kill_in_publish_gap_at_step=10", base=one_stage, nproc=1, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(WORKERS / "resave_run.py"), *one_stage, f"train.save_dir={ckpt}", "train.steps=10",
+         "train.load_tag=global_step10", f"train.log_dir={tmp_path}", "faults.kill_in_publish_gap_at_step=10"],
+        env={**os.environ, **FAULT_INJECTION}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 137 and "killed while publishing global_step10" in proc.stdout, proc.stdout[-3000:]
     assert not (ckpt / "global_step10").exists() and (ckpt / "latest").read_text() == "global_step10"
     assert (ckpt / ".replaced-global_step10" / "manifest.json").is_file()

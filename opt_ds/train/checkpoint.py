@@ -151,7 +151,7 @@ def save(engine, save_dir, step: int, client_state: dict, health: Optional[dict]
 
 def _publish(staging: Path, final: Path, in_gap: Optional[Callable[[], None]]) -> None:
     """Rank 0: rename a complete staging folder to its published name. A published copy of the same step
-    (re-saving a step, e.g. a requeued finished run) is renamed aside first, never deleted before the new one
+    (re-saving a step, e.g. a stop signal right after an interval save) is renamed aside first, never deleted before the new one
     is in place: at every moment one complete copy exists under a name start-up recovery knows."""
     replaced = final.with_name(f"{REPLACED}{final.name}")
     if final.exists():

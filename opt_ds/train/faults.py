@@ -12,7 +12,7 @@ Steps are numbered as the metrics show them (the k-th optimizer step is step k).
 - kill_during_save_at_step: while the checkpoint of step k is written, rank `rank` writes half of its first
   file and dies with os._exit(137), as a node that loses power or is OOM-killed.
 - corrupt_checkpoint_at_step: after the checkpoint of step k is published, one of its files is truncated.
-- kill_in_publish_gap_at_step: re-saving step k when it is already published (a requeued finished run), rank 0
+- kill_in_publish_gap_at_step: re-saving step k when it is already published (e.g. a stop signal right after an interval save), rank 0
   dies with os._exit(137) after renaming the old copy aside and before renaming the new one into place.
 - bad_replica_at_step: during step k the local gradients of rank `rank` are multiplied by 1000 before the
   data-parallel reduction, as a host silently computing garbage.
