@@ -96,7 +96,7 @@ def adapted(words: list):
         words = [sys.executable, "-m", "opt_ds", *words[1:]]
     expected = {"summary": "validation loss: ", "generate": "ROMEO. ", "--list": "175b-slice",
                 "--print-config": '"deepspeed"', "preprocess": "runs/opt-bpe/shakespeare",
-                "convert": "verify: OK"}
+                "convert": "verify: OK", "eval": "eval wrote "}
     return words, {}, next((v for k, v in expected.items() if k in words), "[opt_ds] end step=")
 
 
