@@ -1,7 +1,7 @@
 """OPT shapes and the paper's training hyper-parameters.
 
-Source: OPT paper (arXiv 2205.01068) table 1 and metaseq's `opt_job_constants.py`
-(see ../shared/specs/training-recipe.md). Batch sizes are in tokens, M = 2**20.
+Source: OPT paper (arXiv 2205.01068) table 1 and metaseq's `opt_job_constants.py`.
+Batch sizes are in tokens, M = 2**20.
 """
 from __future__ import annotations
 
