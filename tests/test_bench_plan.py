@@ -12,7 +12,7 @@ from opt_ds.bench.cases import parse_case
 from opt_ds.bench.memory import REDUCE_BUCKET_ELEMENTS, stage_memory
 from opt_ds.bench.project import ProjectionInputs
 from opt_ds.config import load_config
-from opt_ds.models.shape import as_decoder_shape
+from opt_ds.models.family import as_decoder_shape
 
 WORKER = REPO / "tests" / "workers" / "memory_run.py"
 ROW = re.compile(r"^\s+1\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(on|off)\s+([01])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")

@@ -12,7 +12,8 @@ from opt_ds.bench.project import (ProjectionError, ProjectionInputs, assumptions
                                   layer_compute_seconds, memory_bound_bytes, project, sensitivity, stage_layers)
 from opt_ds.bench.published import RUNS, comparison_rows, format_comparison
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, as_decoder_shape
+from opt_ds.models.family import as_decoder_shape
+from opt_ds.models.shape import DecoderShape
 
 BASE = ProjectionInputs()           # opt_ds running OPT-175B on 992 A100-80GB, TP 8 × PP 4 × DP 31
 

@@ -278,7 +278,7 @@ def _command_line() -> str:
 
 def check_layer_measurable(inputs, cuda: bool) -> None:
     from opt_ds.models.flops import layer_flops_per_token
-    from opt_ds.models.shape import to_opt
+    from opt_ds.models.family import to_opt
 
     if to_opt(inputs.shape) is None:
         raise ConfigError("--measure-layer times opt_ds's OPT decoder layer; this shape is not an OPT shape "
@@ -324,7 +324,7 @@ def run_projection(args, suite, inputs, cuda: bool) -> None:
 
 
 def _with_measured_layer(args, suite, inputs, cuda: bool):
-    from opt_ds.models.shape import to_opt
+    from opt_ds.models.family import to_opt
 
     opt_shape = to_opt(inputs.shape)
     layer_case = BenchCase("layer", opt_shape, micro_batch=inputs.micro_batch, seq=inputs.seq,

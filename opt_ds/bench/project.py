@@ -30,7 +30,8 @@ from opt_ds.bench.memory import PRECISION_BYTES, estimate_memory, stage_layers, 
 from opt_ds.errors import UserError
 from opt_ds.models.flops import all_conventions
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, as_decoder_shape
+from opt_ds.models.family import as_decoder_shape
+from opt_ds.models.shape import DecoderShape
 
 RECOMPUTE = ("full", "selective", "none")
 ATTENTION = ("flash", "unfused")

@@ -17,7 +17,7 @@ def named_shapes() -> dict:
     from opt_ds.bench.cases import NAMED_CASES
     from opt_ds.bench.published import SHAPES
     from opt_ds.models.presets import PRESETS
-    from opt_ds.models.shape import as_decoder_shape
+    from opt_ds.models.family import as_decoder_shape
     names = {name: as_decoder_shape(case.shape) for name, case in NAMED_CASES.items()}
     names.update({name: as_decoder_shape(preset.shape) for name, preset in PRESETS.items()})
     names.update(SHAPES)

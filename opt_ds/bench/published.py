@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from opt_ds.bench.hardware import HARDWARE, hardware_key
 from opt_ds.bench.project import Projection, ProjectionInputs, project
 from opt_ds.models.presets import get_preset
-from opt_ds.models.shape import DecoderShape, as_decoder_shape
+from opt_ds.models.family import as_decoder_shape
+from opt_ds.models.shape import DecoderShape
 
 # The convention a published figure uses: a key of opt_ds.models.flops.all_conventions, or tokens.
 TOKENS = "tokens"

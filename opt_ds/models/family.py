@@ -18,65 +18,12 @@ This module is imported by the config loader, so it imports no torch/megatron; t
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Dict, Optional
 
 
-# DeepSpeed matches `type:` against layer class names as a regex; every family's decoder layer class name ends in
-# DecoderLayer (OPTDecoderLayer, LlamaDecoderLayer), so this balances pipeline stages by decoder layers.
-DECODER_PARTITION_METHOD = "type:DecoderLayer"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named model size with the hyper-parameters its paper trained it with (batch in tokens)."""
-    name: str
-    shape: Any
-    global_batch_tokens: int
-    peak_lr: float
-    tensor_parallel: int            # the TP degree its run YAML uses
-
-
-class ModelFamily:
-    """What one decoder architecture provides to the rest of opt_ds (see the module docstring)."""
-    name: str
-    shape_type: type
-    presets: Dict[str, Preset]
-    decoder_layer_name: str         # class name: DeepSpeed's `type:` partitioning and activation checkpointing
-    first_decoder_layer: int        # index of decoder layer 0 in the pipeline layer list
-    tied_embedding_key: str = ""    # DeepSpeed TiedLayerSpec key, "" when the head is untied
-
-    def layer_specs(self, shape, mp_config, tp_group=None) -> list:
-        raise NotImplementedError
-
-    def decoder_layer(self, shape, mp_config, tp_group=None):
-        raise NotImplementedError
-
-    def analytic_parameter_count(self, shape) -> int:
-        raise NotImplementedError
-
-    def decoder_shape(self, shape):
-        """The shape in general terms (`opt_ds.models.shape.DecoderShape`): what the FLOPs conventions, the
-        projection and the planner count."""
-        raise NotImplementedError
-
-    def tensor_parallel_divisors(self, shape) -> Dict[str, int]:
-        """`model.<field>` values that the tensor-parallel degree must divide."""
-        raise NotImplementedError
-
-    def hf_model(self, shape):
-        """Hugging Face's model of this architecture on `shape` (the bench peer); needs transformers."""
-        raise NotImplementedError
-
-    def final_layer_index(self, shape) -> int:
-        return self.first_decoder_layer + shape.num_layers
-
-    def decoder_layer_index(self, layer: int) -> int:
-        return self.first_decoder_layer + layer
-
-    def shape_fields(self) -> set:
-        return {f.name for f in dataclasses.fields(self.shape_type)}
+from opt_ds.models.opt.shape import POSITION_OFFSET, OPTShape
+from opt_ds.models.shape import DecoderShape
+from opt_ds.models.protocol import DECODER_PARTITION_METHOD, ModelFamily, Preset  # noqa: F401
 
 
 def families() -> Dict[str, ModelFamily]:
@@ -112,3 +59,20 @@ def get_preset(name: str) -> Preset:
 
 def family_of_preset(name: str) -> ModelFamily:
     return family_of(get_preset(name).shape)
+
+
+def as_decoder_shape(shape) -> DecoderShape:
+    """A family's shape (OPTShape, LlamaShape, ...) in general terms; a DecoderShape as it is."""
+    if isinstance(shape, DecoderShape):
+        return shape
+    return family_of(shape).decoder_shape(shape)
+
+
+def to_opt(shape: DecoderShape) -> Optional[OPTShape]:
+    """The OPTShape that `as_decoder_shape` maps to `shape`, or None when the shape is not an OPT shape."""
+    if shape.position_rows <= POSITION_OFFSET:
+        return None
+    opt = OPTShape(shape.num_layers, shape.hidden_size, shape.num_heads, shape.ffn_hidden_size, shape.vocab_size,
+                   max_position_embeddings=shape.position_rows - POSITION_OFFSET, word_embed_proj_dim=shape.embed_dim,
+                   pre_layer_norm=shape.final_norm)
+    return opt if as_decoder_shape(opt) == shape else None

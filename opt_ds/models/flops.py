@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opt_ds.models.shape import DecoderShape, as_decoder_shape
+from opt_ds.models.family import as_decoder_shape
+from opt_ds.models.shape import DecoderShape
 
 MODEL_FORMULA = "72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))"
 HARDWARE_FORMULA = "96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))"

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from opt_ds.errors import UserError
-from opt_ds.models.opt.shape import POSITION_OFFSET, OPTShape
 
 
 @dataclass(frozen=True)
@@ -156,21 +155,3 @@ def _parse_value(key: str, name: str, raw: str):
     if value < (0 if name == "position_rows" else 1):
         raise UserError(f"shape key {key}={raw!r}: expected a positive integer")
     return value
-
-
-def as_decoder_shape(shape) -> DecoderShape:
-    """A family's shape (OPTShape, LlamaShape, ...) in general terms; a DecoderShape as it is."""
-    if isinstance(shape, DecoderShape):
-        return shape
-    from opt_ds.models.family import family_of
-    return family_of(shape).decoder_shape(shape)
-
-
-def to_opt(shape: DecoderShape) -> Optional[OPTShape]:
-    """The OPTShape that `as_decoder_shape` maps to `shape`, or None when the shape is not an OPT shape."""
-    if shape.position_rows <= POSITION_OFFSET:
-        return None
-    opt = OPTShape(shape.num_layers, shape.hidden_size, shape.num_heads, shape.ffn_hidden_size, shape.vocab_size,
-                   max_position_embeddings=shape.position_rows - POSITION_OFFSET, word_embed_proj_dim=shape.embed_dim,
-                   pre_layer_norm=shape.final_norm)
-    return opt if as_decoder_shape(opt) == shape else None

@@ -2,7 +2,7 @@
 biases, untied output head."""
 from __future__ import annotations
 
-from opt_ds.models.family import ModelFamily
+from opt_ds.models.protocol import ModelFamily
 from opt_ds.models.llama.shape import PRESETS, LlamaShape, analytic_parameter_count
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from opt_ds.models.family import Preset
+from opt_ds.models.protocol import Preset
 
 LLAMA_VOCAB_SIZE = 32000
 

@@ -1,7 +1,7 @@
 """The OPT family (arXiv 2205.01068): learned positions, LayerNorm, ReLU MLP, biases, tied LM head."""
 from __future__ import annotations
 
-from opt_ds.models.family import ModelFamily
+from opt_ds.models.protocol import ModelFamily
 from opt_ds.models.opt.shape import POSITION_OFFSET, PRESETS, OPTShape, analytic_parameter_count
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from opt_ds.models.family import Preset
+from opt_ds.models.protocol import Preset
 
 OPT_VOCAB_SIZE = 50272          # 50,265 tokenizer entries padded to a multiple of 8
 OPT_TOKENIZER_SIZE = 50265
