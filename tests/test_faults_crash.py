@@ -3,13 +3,12 @@ loadable and the resume exact; a damaged checkpoint is named with its file and t
 rank under launchers/slurm.sbatch stops every rank after the same step with a checkpoint and exit 0, the job
 is requeued and resumes exactly."""
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from fault_runs import BASE, FAULT_INJECTION, clean_run, events, train, trajectory
 from multiproc import REPO, run
+from opt_ds.ports import free_port
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -36,10 +35,10 @@ def test_crash_while_resaving_a_step_keeps_a_complete_copy_and_the_resume_exact(
     one_stage = [a for a in BASE if a != "parallel.pipeline=2"] + ["train.eval_interval=0"]
     train(tmp_path / "straight", "train.steps=20", base=one_stage, nproc=1)     # global_step10, 20
     ckpt = tmp_path / "straight" / "ckpt"
-    proc = subprocess.run(
-        [sys.executable, str(WORKERS / "resave_run.py"), *one_stage, f"train.save_dir={ckpt}", "train.steps=10",
-         "train.load_tag=global_step10", f"train.log_dir={tmp_path}", "faults.kill_in_publish_gap_at_step=10"],
-        env={**os.environ, **FAULT_INJECTION}, capture_output=True, text=True, timeout=240)
+    # child_env: never the rendezvous an earlier in-process test left in os.environ (its port may be taken).
+    proc = run([sys.executable, WORKERS / "resave_run.py", *one_stage, f"train.save_dir={ckpt}", "train.steps=10",
+                "train.load_tag=global_step10", f"train.log_dir={tmp_path}", "faults.kill_in_publish_gap_at_step=10"],
+               check=False, timeout=240, **FAULT_INJECTION)
     assert proc.returncode == 137 and "killed while publishing global_step10" in proc.stdout, proc.stdout[-3000:]
     assert not (ckpt / "global_step10").exists() and (ckpt / "latest").read_text() == "global_step10"
     assert (ckpt / ".replaced-global_step10" / "manifest.json").is_file()
@@ -70,12 +69,6 @@ def test_damaged_checkpoint_is_named_with_the_file_and_the_fix(tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step30"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sbatch(tmp_path, *overrides, restart: int = 0, **env):
     """Run launchers/slurm.sbatch as SLURM would on a one-node allocation of 2 ranks (fake srun/scontrol)."""
     bin_dir = tmp_path / "bin"
@@ -87,7 +80,7 @@ def sbatch(tmp_path, *overrides, restart: int = 0, **env):
     return run(["bash", REPO / "launchers" / "slurm.sbatch", tmp_path / "run.yaml", *BASE, f"train.log_dir={tmp_path}",
                 *overrides], check=False, timeout=240, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
                SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=4242, SLURM_JOB_NAME="t", SLURM_NTASKS_PER_NODE=2,
-               SLURM_RESTART_COUNT=restart, SAVE_DIR=tmp_path / "ckpt", MASTER_PORT=_free_port(),
+               SLURM_RESTART_COUNT=restart, SAVE_DIR=tmp_path / "ckpt", MASTER_PORT=free_port("127.0.0.1"),
                FAKE_SLURM_LOG=tmp_path / "scontrol.log", **env)
 
 

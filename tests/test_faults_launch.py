@@ -17,7 +17,7 @@ from fault_runs import BASE, events
 from multiproc import REPO, child_env, opt_ds
 from opt_ds.job import is_rank
 from opt_ds.train import checkpoint
-from test_faults_crash import _free_port
+from opt_ds.ports import free_port
 from test_faults_save_folder import tree_digest
 
 ONE_STAGE = [a for a in BASE if a != "parallel.pipeline=2"]
@@ -65,7 +65,7 @@ def stopped_job(tmp_path_factory) -> StoppedJob:
     ckpt = run_dir / "ckpt"
     job = subprocess.Popen(
         [sys.executable, "-m", "opt_ds", "launch", "-", *BASE, "train.steps=10000", "train.save_interval=0",
-         f"train.save_dir={ckpt}", f"train.log_dir={run_dir}", "--num-gpus", "4", "--master-port", str(_free_port())],
+         f"train.save_dir={ckpt}", f"train.log_dir={run_dir}", "--num-gpus", "4", "--master-port", str(free_port("127.0.0.1"))],
         cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: trained_steps(run_dir) >= 2, 600, "two training steps", job)
