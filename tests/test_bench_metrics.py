@@ -1,5 +1,6 @@
 """Peak table, MFU, carbon arithmetic, NVML fallbacks, case parsing: the parts that need no process group."""
 import pytest
+import torch
 
 from opt_ds.bench import cli
 from opt_ds.bench.cases import NAMED_CASES, parse_case
@@ -135,8 +136,9 @@ def test_list_names_every_case():
         assert name in text
 
 
-def test_step_time_spread_is_reported_and_a_noisy_measurement_flagged():
-    from opt_ds.bench.report import formulas
+def test_step_time_spread_is_reported_and_a_noisy_measurement_flagged(capsys):
+    from opt_ds.bench.report import formulas, table
+    from opt_ds.bench.suite import _progress
     case = parse_case("opt-1.3b").resolve_precision(cuda=True)
     steady = derive(_raw(case, step_times=(0.40, 0.38, 0.42)))
     assert (steady["step_time_min_s"], steady["step_time_s"], steady["step_time_max_s"]) == (0.38, 0.40, 0.42)
@@ -144,3 +146,39 @@ def test_step_time_spread_is_reported_and_a_noisy_measurement_flagged():
     noisy = derive(_raw(case, step_times=(0.40, 0.30, 0.50)))
     assert noisy["noisy"] and noisy["step_time_spread"] == pytest.approx(0.5)
     assert "min 0.3 s, max 0.5 s; NOISY: the steps differ by 50% of the median" in formulas([noisy])
+    rows = table([steady, noisy]).splitlines()
+    assert "min–max s" in rows[0] and "spread" in rows[0]
+    assert "0.38–0.42" in rows[2] and rows[2].split()[rows[2].split().index("0.38–0.42") + 1] == "10%"
+    assert "0.3–0.5" in rows[3] and "50% NOISY" in rows[3]
+    _progress(noisy)
+    assert "0.4 s/step (median; min 0.3, max 0.5, spread 50% NOISY)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("opt-1.3b", "GiB are free"),                                  # more state than this CPU has
+    ("opt-125m", "TFLOP per step is minutes per step on a CPU"),   # fits, but each step is GPU-sized work
+    ("175b-slice:tp=1", "GiB are free"),
+])
+def test_gpu_sized_cases_are_refused_on_a_cpu_with_the_memory_they_need(spec, why, monkeypatch):
+    monkeypatch.setattr(cli, "_available_memory_bytes", lambda: 8 * 2 ** 30)
+    with pytest.raises(ConfigError) as error:
+        cli.resolve_cases([spec], {}, cuda=False, gpus=0)
+    message = str(error.value)
+    assert why in message and "it is a GPU case" in message and "\n" not in message
+    needed = float(message.split(" needs about ")[1].split(" GiB")[0])
+    case = parse_case(spec).resolve_precision(cuda=False)
+    from opt_ds.models.presets import analytic_parameter_count
+    assert needed == pytest.approx(analytic_parameter_count(case.config().shape) * 16 / 2 ** 30, abs=0.06)
+    # the CPU cases and a shrunken GPU case pass; on a GPU nothing is refused for size
+    cli.resolve_cases(["tiny", "tiny-pp2", "tiny-llama", "opt-125m:layers=1,mb=1,seq=128"], {}, cuda=False, gpus=0)
+    cli.resolve_cases([spec.split(":")[0] + ":tp=1"], {}, cuda=True, gpus=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the GPU case runs")
+def test_a_gpu_case_on_a_cpu_stops_before_any_work(tmp_path, capsys):
+    from opt_ds.cli import main
+    out = tmp_path / "bench"
+    assert main(["bench", "tiny", "opt-2.7b", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "case opt-2.7b needs about" in err and "it is a GPU case" in err
+    assert not out.exists(), "nothing ran, not even the CPU case before it"

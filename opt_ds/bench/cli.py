@@ -116,7 +116,7 @@ def resolve_cases(specs: list, changes: dict, cuda: bool, gpus: int) -> list:
     for case in cases:
         resolved = case.config()        # raises ConfigError naming the bad key
         if not cuda:
-            check_fits_in_memory(case, resolved)
+            check_cpu_sized(case, resolved)
         if cuda and case.world_size > gpus:
             raise ConfigError(f"case {case.label()} needs {case.world_size} GPUs ({case.layout}) but {gpus} "
                               f"{'is' if gpus == 1 else 'are'} visible; shrink its layout (e.g. "
@@ -125,24 +125,32 @@ def resolve_cases(specs: list, changes: dict, cuda: bool, gpus: int) -> list:
 
 
 TRAINING_BYTES_PER_PARAMETER = 16      # fp32 weights, gradients and Adam's two moments (activations extra)
+# Model FLOPs of one optimizer step above which a case is GPU-sized: at the ~0.1 TFLOP/s a few CPU cores
+# reach in fp32, its 13 default steps would take minutes.
+CPU_STEP_FLOPS_LIMIT = 2e12
 
 
 def _available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits_in_memory(case, resolved) -> None:
-    """On a CPU, refuse up front a case whose training state alone exceeds the free memory (a GPU-sized case
-    would otherwise swap or be killed after minutes)."""
+def check_cpu_sized(case, resolved) -> None:
+    """On a CPU, refuse up front a GPU-sized case: one whose training state exceeds the free memory (it would
+    swap or be killed after minutes) or whose step is too much work for a CPU (it would run into --timeout)."""
+    from opt_ds.models.flops import model_flops
     from opt_ds.models.presets import analytic_parameter_count
     parameters = analytic_parameter_count(resolved.shape)
     needed = parameters * TRAINING_BYTES_PER_PARAMETER
     available = _available_memory_bytes()
-    if needed > available:
-        raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB on a CPU "
-                          f"({parameters / 1e9:.2f}B parameters x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; "
-                          f"activations extra) but {available / 2 ** 30:.1f} GiB are free; it is a GPU case: run it "
-                          "on a GPU machine (opt_ds/bench/gpu_session.sh) or choose a CPU case (tiny, tiny-pp2)")
+    step_flops = model_flops(resolved.shape, case.global_batch, case.seq).flops
+    if needed <= available and step_flops <= CPU_STEP_FLOPS_LIMIT:
+        return
+    why = (f"{available / 2 ** 30:.1f} GiB are free" if needed > available else
+           f"{step_flops / 1e12:.3g} TFLOP per step is minutes per step on a CPU (limit {CPU_STEP_FLOPS_LIMIT / 1e12:g})")
+    raise ConfigError(f"case {case.label()} needs about {needed / 2 ** 30:.1f} GiB ({parameters / 1e9:.2f}B parameters "
+                      f"x {TRAINING_BYTES_PER_PARAMETER} bytes: fp32 weights, gradients, Adam state; activations "
+                      f"extra) and {why}: it is a GPU case; run it on a GPU machine (opt_ds/bench/gpu_session.sh), "
+                      f"choose a CPU case (tiny, tiny-pp2) or shrink it ({case.name}:layers=1,mb=1,seq=128)")
 
 
 def sweep_variants(cases: list, micro_batches: str, intervals: str) -> list:
@@ -250,12 +258,15 @@ def run_launched(args) -> int:
     if len(args.cases) != 1 or args.sweep or args.project:
         raise ConfigError("under a launcher, opt-ds bench runs exactly one CASE (no --sweep, --project or peers); "
                           "run it without a launcher to let it start one process group per case")
-    case = parse_case(args.cases[0], flag_changes(args)).resolve_precision(torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    case = parse_case(args.cases[0], flag_changes(args)).resolve_precision(cuda)
     world = int(os.environ["WORLD_SIZE"])
     if case.world_size != world:
         raise ConfigError(f"case {case.label()} needs {case.world_size} rank(s) ({case.layout}) but this launch "
                           f"has {world}; launch {case.world_size} processes or change the layout")
-    case.config()
+    resolved = case.config()
+    if not cuda:
+        check_cpu_sized(case, resolved)
     raw = measure_case(case, args.steps, args.warmup)
     status = 0
     if raw is not None:                 # rank 0

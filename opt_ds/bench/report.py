@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from opt_ds.models.flops import OPT_175B_A100_TFLOPS
-from opt_ds.bench.metrics import peer_key
+from opt_ds.bench.metrics import NOISY_SPREAD, peer_key
 
 REFERENCE_LABEL = "OPT-175B, 992×A100 (paper): 147"
 REFERENCE_NOTE = ("bars: model FLOPs (no recompute); black marks: hardware FLOPs (recompute counted), the convention "
@@ -21,7 +21,7 @@ REFERENCE_NOTE = ("bars: model FLOPs (no recompute); black marks: hardware FLOPs
 RESULTS, TABLE, CHART = "results.jsonl", "table.txt", "tflops.png"
 
 COLUMNS = [("case", 22), ("impl", 12), ("layout", 14), ("mb×gas", 6), ("seq", 5), ("dtype", 5), ("AC", 2),
-           ("step s", 8), ("tok/s", 8), ("tok/s/GPU", 9), ("model", 7), ("hw", 7), ("6N+att", 7), ("MFU", 6),
+           ("step s", 8), ("min–max s", 13), ("spread", 9), ("tok/s", 8), ("tok/s/GPU", 9), ("model", 7), ("hw", 7), ("6N+att", 7), ("MFU", 6),
            ("mem GiB", 7), ("util%", 5), ("W/GPU", 5), ("J/step", 7), ("gCO2e/st", 8), ("vs hf", 5),
            ("vs hf-ds", 8)]
 
@@ -54,7 +54,8 @@ def _cells(row: dict) -> list:
     t, gpu, ratios = row["tflops"], row["gpu"], row.get("vs_peer", {})
     mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "n/a"
     return head + [
-        f"{row['step_time_s']:.4g}", _num(row["tokens_per_s"]), _num(row["tokens_per_s_per_gpu"]),
+        f"{row['step_time_s']:.4g}", f"{row['step_time_min_s']:.3g}–{row['step_time_max_s']:.3g}",
+        spread_text(row), _num(row["tokens_per_s"]), _num(row["tokens_per_s_per_gpu"]),
         _num(t["model"]["tflops_per_gpu"]), _num(t["hardware"]["tflops_per_gpu"]),
         _num(t["6n_attention"]["tflops_per_gpu"]), mfu, f"{row['peak_memory_gib']:.2f}",
         _num(gpu.get("utilization_pct_mean")), _num(gpu.get("power_w_mean_per_gpu")),
@@ -63,12 +64,19 @@ def _cells(row: dict) -> list:
     ]
 
 
+def spread_text(row: dict) -> str:
+    """The step-time spread of an ok row, e.g. `4%` or `50% NOISY`."""
+    return f"{row['step_time_spread']:.0%}" + (" NOISY" if row["noisy"] else "")
+
+
 def table(rows: list) -> str:
     def line(cells):
         return " ".join(str(c).ljust(w) if i < 7 else str(c).rjust(w)
                         for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
     header = line([name for name, _ in COLUMNS])
     out = [header, "-" * len(header)] + [line(_cells(r)) for r in rows]
+    out.append("step s = median of the timed steps; spread = (slowest − fastest) / median, NOISY above "
+               f"{NOISY_SPREAD:.0%} (rerun on an idle machine or with more --steps)")
     out.append("TFLOP/s per GPU: model = no recompute, hw = recompute counted, 6N+att = torchtitan; "
                "vs hf / vs hf-ds = opt_ds tokens/s per GPU ÷ peer's on the same shape, batch, seq, dtype")
     return "\n".join(out)

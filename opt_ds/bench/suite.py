@@ -138,6 +138,7 @@ def _progress(row: dict) -> None:
     if row["status"] != "ok":
         print(f"[bench] {row['case']} / {row['impl']}: {row['status'].upper()}", flush=True)
         return
-    print(f"[bench] {row['case']} / {row['impl']}: {row['step_time_s']:.4g} s/step, "
+    print(f"[bench] {row['case']} / {row['impl']}: {row['step_time_s']:.4g} s/step (median; min "
+          f"{row['step_time_min_s']:.4g}, max {row['step_time_max_s']:.4g}, spread {report.spread_text(row)}), "
           f"{row['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
           f"{row['tflops']['model']['tflops_per_gpu']:.4g} TFLOP/s/GPU (model FLOPs)", flush=True)
