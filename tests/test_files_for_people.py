@@ -1,31 +1,8 @@
 """What opt_ds writes is readable by colleagues: converted checkpoints and exports follow the user's umask
 (not tempfile's private 0700/0600), like preprocess's datasets."""
-import os
-import stat
-from contextlib import contextmanager
-
 from conversion.cli import main
 from conversion_helpers import tiny_hf_model
-
-
-@contextmanager
-def umask(mask: int):
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def unreadable(root) -> list:
-    """Paths under `root` (itself included) that group or others cannot read (or enter, for folders)."""
-    bad = []
-    for path in [root, *root.rglob("*")]:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        needed = 0o055 if path.is_dir() else 0o044
-        if mode & needed != needed:
-            bad.append(f"{path.relative_to(root.parent)} {oct(mode)}")
-    return bad
+from file_modes import umask, unreadable
 
 
 def test_conversions_are_readable_by_group_and_others_under_umask_022(tmp_path):

@@ -1,8 +1,8 @@
-"""The README end to end on one shortened demo run: launchers/demo.sh preprocesses the bundled corpus, trains
-TP=2 x PP=2 through DeepSpeed's launcher (4 ranks, no third-party warning printed), saves, samples and
-summarises; then every command of the README runs as written against it, in a folder laid out like a fresh
-clone after `make demo` (CPU-feasible ones for real, with fewer steps; GPU-sized ones as --print-config),
-and so does the offline path of docs/fine-tuning.md."""
+"""The README and docs end to end on one shortened demo run: launchers/demo.sh preprocesses the bundled corpus,
+trains TP=2 x PP=2 through DeepSpeed's launcher (4 ranks, no third-party warning printed), saves, samples and
+summarises; then every command of the ```bash blocks of README.md and docs/*.md runs as written against it, in
+a folder laid out like a fresh clone after `make demo` (CPU-feasible ones for real, training for 2 steps;
+GPU-sized ones as --print-config or refused up front by the CPU)."""
 import re
 import shlex
 import sys
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from file_modes import umask, unreadable
 from multiproc import REPO, opt_ds, run
+from opt_ds.bench.cases import NAMED_CASES
 from opt_ds.train.metrics import read_metrics
 
 DEMO_STEPS = 16
@@ -23,11 +25,12 @@ THIRD_PARTY_WARNING = re.compile(r"Warning: |\[WARNING\]|warnings\.warn\(")
 def clone(tmp_path_factory):
     """A folder laid out like a fresh clone after `make demo` (the demo shortened to DEMO_STEPS steps)."""
     root = tmp_path_factory.mktemp("clone")
-    for name in ("ds_configs", "launchers", "opt_ds", "README.md"):
+    for name in ("ds_configs", "launchers", "opt_ds", "conversion", "README.md"):
         (root / name).symlink_to(REPO / name)
-    proc = run(["bash", "launchers/demo.sh", f"train.steps={DEMO_STEPS}", "train.eval_interval=8",
-                "train.save_interval=8", "sample.max_new_tokens=8"], timeout=900, cwd=root,
-               BIN=Path(sys.executable).parent)
+    with umask(0o022):
+        proc = run(["bash", "launchers/demo.sh", f"train.steps={DEMO_STEPS}", "train.eval_interval=8",
+                    "train.save_interval=8", "sample.max_new_tokens=8"], timeout=900, cwd=root,
+                   BIN=Path(sys.executable).parent)
     return root, proc.stdout
 
 
@@ -45,6 +48,7 @@ def test_demo_script(clone):
     assert any(r["event"] == "sample" for r in records)
     assert "validation loss: " in stdout and "sample at step 16:" in stdout
     assert [line for line in stdout.splitlines() if THIRD_PARTY_WARNING.search(line)] == []
+    assert unreadable(demo) == [], "under umask 022 the run folder is readable by group and others"
 
 
 def test_generate_needs_whole_tensor_parallel_groups(clone):
@@ -55,34 +59,63 @@ def test_generate_needs_whole_tensor_parallel_groups(clone):
     assert proc.returncode == 2 and "tensor-parallel with TP=2: run a multiple of 2 processes" in proc.stdout
 
 
-def readme_commands() -> list:
-    """The commands of the bash blocks of the README and the fine-tuning recipe's offline path (continuations
-    joined, comments dropped), but `make`."""
-    text = (REPO / "README.md").read_text() + (REPO / "docs" / "fine-tuning.md").read_text()
+# The documents whose ```bash blocks are run, in this order (a command an earlier one already ran is not rerun).
+DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+# Commands shown but not run here: set-up (make, source, pip: `make setup` did it), downloads from the
+# Hugging Face hub (no network in CI) and the test suite itself.
+NOT_RUN = ("make", "source", "pip", "huggingface-cli", "pytest")
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+SHELL_OPERATORS = {"|", ">", ">>", "&&", ";"}
+
+
+def doc_commands(doc: str) -> list:
+    """(environment, words) of each command of the document's bash blocks: continuations joined, comments
+    dropped, leading VAR=value words as the environment; a line with a here-document or a pipe runs in bash."""
+    text = (REPO / doc).read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+        lines = iter(block.replace("\\\n", " ").splitlines())
+        for line in lines:
+            heredoc = re.search(r"<<'?(\w+)'?", line)
+            if heredoc:
+                body = [line, *iter(lambda: next(lines), heredoc.group(1))]
+                commands.append(({}, ["bash", "-c", "\n".join(body + [heredoc.group(1)])]))
+                continue
             words = shlex.split(line, comments=True)
-            if words and words[0] not in ("make", "source"):
-                commands.append(words)
+            env = {}
+            while words and ENV_ASSIGNMENT.match(words[0]):
+                key, _, value = words.pop(0).partition("=")
+                env[key] = value
+            if SHELL_OPERATORS & set(words):
+                words = ["bash", "-c", line]
+            if words:
+                commands.append((env, words))
     return commands
 
 
 SHORT = ["train.steps=2", "train.eval_iters=1", "sample.max_new_tokens=4"]
+GPU_CASES = {name for name in NAMED_CASES if not name.startswith("tiny")}
 
 
-def adapted(words: list):
-    """(command, environment, what its output must contain) for one README command."""
-    line = " ".join(words)
+def adapted(env: dict, words: list):
+    """(command, environment, what its output must contain) for one command of the docs; None: not run."""
+    if words[0] in NOT_RUN or any(w.startswith("runs/demo-llama") for w in words):
+        return None     # (the conversions of `make demo-llama`'s checkpoint: tests/test_conversion_llama*.py)
+    cuda = torch.cuda.is_available()
     if words[0] == "deepspeed":                         # 8 GPUs: the config it would run, at world size 8
         return [sys.executable, "-m", "opt_ds", *words[words.index("train"):], "--print-config"], \
-            {"WORLD_SIZE": "8"}, '"layout": "TP=2 x PP=1 x DP=4"'
+            {**env, "WORLD_SIZE": "8"}, '"layout": "TP=2 x PP=1 x DP=4"'
     if words[0] == "sbatch":                            # needs SLURM: the config it would run
-        return [sys.executable, "-m", "opt_ds", "train", words[2], "--print-config"], {}, '"layout": "TP=8 x PP=2'
-    if words[0].startswith("HOSTFILE="):
-        return ["bash", "-c", line], {}, "launching TP=2 x PP=1 x DP=8 on 16 processes over 2 node(s)"
-    if words[:3] == ["opt-ds", "bench", "opt-1.3b"] and not torch.cuda.is_available():
-        return [sys.executable, "-m", "opt_ds", *words[1:]], {}, "it is a GPU case"
+        return [sys.executable, "-m", "opt_ds", "train", words[2], "--print-config"], env, '"layout": "TP=8 x PP=2'
+    if words[0] == "launchers/launch.sh":
+        return ["bash", *words], env, "launching TP=2 x PP=1 x DP=8 on 16 processes over 2 node(s)"
+    bench = words.index("bench") + 1 if "bench" in words else None
+    if bench and not cuda and {w.split(":")[0] for w in words[bench:]} & GPU_CASES:
+        if words[0] == "torchrun":                      # a rank of the launch it asks for refuses it
+            env = {**env, "WORLD_SIZE": words[words.index("--nproc_per_node") + 1]}
+        return [sys.executable, "-m", "opt_ds", *words[bench - 1:]], env, "it is a GPU case"
+    if bench and words[bench:bench + 1] == ["tiny"]:    # the CPU smoke run: one timed step, no peers
+        words = [*words, "--steps", "1", "--warmup", "0", "--no-peer"]
     if "generate" in words:
         words = [*words, "--max-new-tokens", "8"]
     elif "train.steps=400" in words:                    # continue the demo, or resume it at another layout
@@ -95,21 +128,35 @@ def adapted(words: list):
     elif words[0] == "opt-ds":
         words = [sys.executable, "-m", "opt_ds", *words[1:]]
     expected = {"summary": "validation loss: ", "generate": "ROMEO. ", "--list": "175b-slice",
-                "--print-config": '"deepspeed"', "preprocess": "runs/opt-bpe/shakespeare",
-                "convert": "verify: OK", "eval": "eval wrote "}
-    return words, {}, next((v for k, v in expected.items() if k in words), "[opt_ds] end step=")
+                "--print-config": '"deepspeed"', "--output-prefix": None, "--dry-run": "would write",
+                "convert": "verify: OK", "eval": "eval wrote ", "plan": "Layouts for", "--project": "TFLOP/s",
+                "--project-published": "predicted", "bench": "reports in", "bash": ""}
+    key = next((k for k in expected if k in words), None)
+    if key == "--output-prefix":                        # preprocess: the output prefix it wrote
+        return words, env, words[words.index(key) + 1]
+    if key == "eval" and "--output" not in words:       # results on the console only
+        return words, env, "perplexity " if "--perplexity" in words else "| acc"
+    return words, env, expected[key] if key else "[opt_ds] end step="
 
 
-def test_every_readme_command_runs_as_written(clone):
+ran = set()
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_command_of_the_docs_runs_as_written(clone, doc):
     root, _ = clone
-    commands = readme_commands()
-    assert len(commands) >= 20
-    for words in commands:
-        command, env, expected = adapted(words)
+    commands = doc_commands(doc)
+    assert len(commands) >= (20 if doc == "README.md" else 1)
+    for env, words in commands:
+        command = adapted(env, words)
+        if command is None or repr((env, words)) in ran:
+            continue
+        ran.add(repr((env, words)))
+        command, env, expected = command
         proc = run(command, cwd=root, timeout=400, check=False, **env)
         refused = expected == "it is a GPU case"
-        assert proc.returncode == (2 if refused else 0), f"{' '.join(words)}\n{proc.stdout[-4000:]}"
-        assert expected in proc.stdout, f"{' '.join(words)}\n{proc.stdout[-4000:]}"
+        assert proc.returncode == (2 if refused else 0), f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
+        assert expected in proc.stdout, f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
         if f"train.steps={DEMO_STEPS + 2}" in command:
             assert f"resumed from runs/demo/checkpoints/global_step{DEMO_STEPS}" in proc.stdout
             assert "2 steps remain" in proc.stdout
