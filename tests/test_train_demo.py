@@ -59,8 +59,8 @@ def test_generate_needs_whole_tensor_parallel_groups(clone):
     assert proc.returncode == 2 and "tensor-parallel with TP=2: run a multiple of 2 processes" in proc.stdout
 
 
-# The documents whose ```bash blocks are run, in this order (a command an earlier one already ran is not rerun).
-DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+# The documents with ```bash blocks, run in this order (a command an earlier one already ran is not rerun).
+DOCS = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md") if "```bash" in p.read_text())]
 # Commands shown but not run here: set-up (make, source, pip: `make setup` did it), downloads from the
 # Hugging Face hub (no network in CI) and the test suite itself.
 NOT_RUN = ("make", "source", "pip", "huggingface-cli", "pytest")
@@ -157,6 +157,8 @@ def test_every_command_of_the_docs_runs_as_written(clone, doc):
         refused = expected == "it is a GPU case"
         assert proc.returncode == (2 if refused else 0), f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
         assert expected in proc.stdout, f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
+        if words[0] == "launchers/launch.sh":          # a free rendezvous port by default, not DeepSpeed's 29500
+            assert re.search(r"--master_port (?!29500 )\d+ ", proc.stdout), proc.stdout[-2000:]
         if f"train.steps={DEMO_STEPS + 2}" in command:
             assert f"resumed from runs/demo/checkpoints/global_step{DEMO_STEPS}" in proc.stdout
             assert "2 steps remain" in proc.stdout
