@@ -24,7 +24,6 @@ import torch
 from opt_ds.models.presets import OPTShape
 from opt_ds.parallel.checkpoint_info import checkpoint_client_state, shape_from_client_state
 from opt_ds.models.family import family_of
-from opt_ds.parallel.gather import merge_shards, split_full
 from opt_ds.parallel.pipe import final_layer_index, tensor_parallel_dims
 
 from conversion import canonical as C
@@ -32,7 +31,8 @@ from conversion.families import names_of
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, load_torch, save_torch
 from conversion.progress import progress
-from conversion.sharding import check_same, chunk, fuse_qkv_per_head, pad_rows, padded_rows, split_qkv_per_head
+from conversion.sharding import (check_same, chunk, fuse_qkv_per_head, merge_shards, pad_rows, padded_rows, split_full,
+                                 split_qkv_per_head)
 
 LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from opt_ds.errors import UserError
 from opt_ds.train import manifest
 from opt_ds.train.collective import barrier, from_rank0, rank_and_world
-from opt_ds.train.durable import fsync, write_atomically
+from opt_ds.durable import fsync, write_atomically
 
 LATEST = "latest"
 UNIVERSAL_LATEST = "latest_universal"     # written by `opt-ds convert --to universal`
