@@ -7,7 +7,7 @@ the checkpoint's `universal_checkpoint_info`; an engine started with `"checkpoin
 true}` at any layout then takes its slice of every parameter and of its optimizer state.
 
 `write` runs `ds_to_universal` itself (in this process, one worker), after adding the patterns of
-`opt_ds.parallel.checkpoint_info` to checkpoints saved without them. `read` turns the fp32 master weights
+`opt_ds.train.contract` to checkpoints saved without them. `read` turns the fp32 master weights
 of a universal checkpoint into the canonical form, which is how a conversion to it is verified.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from opt_ds.parallel.checkpoint_info import (MODEL_SHAPE_KEY, UNIVERSAL_INFO_KEY, checkpoint_client_state,
+from opt_ds.train.contract import (MODEL_SHAPE_KEY, UNIVERSAL_INFO_KEY, checkpoint_client_state,
                                              shape_from_client_state)
 from opt_ds.models.family import family_of
 from opt_ds.patches import run_ds_to_universal

@@ -32,6 +32,7 @@ MODEL_SHAPE_KEY = "opt_model_shape"
 MODEL_FAMILY_KEY = "model_family"
 UNIVERSAL_INFO_KEY = "universal_checkpoint_info"   # deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_INFO
 RUN_STATE_KEY = "opt_ds"
+ENGINE_STATES = "mp_rank_00_model_states.pt"       # DeepSpeed's metadata file that holds the client state
 PARALLEL_DIMS_KEY, TP_DEGREE_KEY = "checkpoint_parallel_dimensions", "tp_degree"   # DeepSpeed's own metadata
 LAYOUT_KEYS = ("tensor", "pipeline", "data")
 
@@ -65,6 +66,21 @@ class RunState:
     def from_saved(cls, saved: dict) -> "RunState":
         names = [f for f in cls.__dataclass_fields__ if f in saved]      # older checkpoints lack the newer fields
         return cls(**{name: saved[name] for name in names})
+
+
+def mp_rank_state(shape, original_vocab_size: int, tp: int, pp: int) -> dict:
+    """DeepSpeed's engine metadata file of a weights-only checkpoint written without an engine (`opt-ds convert`):
+    what `engine.load_checkpoint` reads, with the entries DeepSpeed's own save writes."""
+    import deepspeed
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_PP_DEGREE, CHECKPOINT_TP_DEGREE
+    return {"module": None,             # pipeline weights live in the layer files
+            "buffer_names": [], "optimizer": None, "param_shapes": None, "frozen_param_shapes": None,
+            "shared_params": None, "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None,
+            "random_ltd": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
+            "dp_world_size": 1, "mp_world_size": tp * pp,
+            CHECKPOINT_PARALLEL_DIMS: {CHECKPOINT_PP_DEGREE: pp, CHECKPOINT_TP_DEGREE: tp},
+            "ds_config": None, "ds_version": deepspeed.__version__,
+            **checkpoint_client_state(shape, original_vocab_size)}
 
 
 def saved_layout(run_state: dict) -> tuple:

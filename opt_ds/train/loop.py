@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -15,42 +13,12 @@ from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
 from opt_ds.patches import forward_passes, set_forward_passes
 from opt_ds.train import checkpoint, run_folder, save_lock
-from opt_ds.parallel.checkpoint_info import checkpoint_client_state
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
+from opt_ds.train.contract import RunState
 from opt_ds.train.engine import build_engine
 from opt_ds.train.metrics import MetricsLogger
 from opt_ds.train.supervisor import Supervisor
-
-
-@dataclass
-class RunState:
-    """What a checkpoint must carry besides DeepSpeed's own state for the resume to be exact."""
-    step: int = 0
-    micro_offset: int = 0           # forward passes so far: DeepSpeed derives dropout seeds from it
-    # Divergence recovery (opt_ds.train.recovery); run state, so every later resume keeps it.
-    data_offset: int = 0            # data steps skipped: step s reads the batch of data step s + data_offset
-    lr_scale: float = 1.0           # product of the LR cuts: peak LR = optimizer.lr x lr_scale
-    clip_grad: Optional[float] = None   # gradient clipping set by a recovery (None: optimizer.clip_grad)
-    retries: int = 0                # rollbacks since the last healthy checkpoint past `diverged_at`
-    recoveries: int = 0             # rollbacks in the whole run
-    diverged_at: Optional[int] = None   # step of the last divergence
-    health: dict = field(default_factory=dict)  # the health monitor's recent losses
-
-    @property
-    def data_step(self) -> int:
-        return self.step + self.data_offset
-
-    def client_state(self, cfg: ResolvedConfig) -> dict:
-        return {**checkpoint_client_state(cfg.shape),
-                checkpoint.RUN_STATE_KEY: {
-                    **asdict(self), "config": cfg.run.to_dict(),
-                    "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data_parallel}}}
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "RunState":
-        names = [f for f in cls.__dataclass_fields__ if f in saved]      # older checkpoints lack the newer fields
-        return cls(**{name: saved[name] for name in names})
 
 
 def check_data(cfg: ResolvedConfig) -> None:

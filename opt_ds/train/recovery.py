@@ -18,6 +18,7 @@ from opt_ds.errors import TrainingDiverged
 from opt_ds.patches import set_forward_passes, set_gradient_clipping
 from opt_ds.train import checkpoint, manifest
 from opt_ds.train.collective import barrier, from_rank0
+from opt_ds.train.contract import RunState
 from opt_ds.train.incidents import IncidentLog
 
 
@@ -80,7 +81,7 @@ class Recovery:
         detected = before.step
         point = checkpoint.describe(Path(run.train.save_dir), target.tag)
         checkpoint.load(self.engine, point, verify="none")             # just verified
-        restored = type(before).from_saved(point.run_state)
+        restored = RunState.from_saved(point.run_state)
         optimization = not verdict.hardware_only
         skip = optimization and rec.skip_data
         lr_factor = rec.lr_factor if optimization else 1.0
