@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from opt_ds.data.atomic import follow_umask, staging_dir
+from opt_ds.durable import follow_umask, fsync, staging_dir, sync_tree
 from opt_ds.errors import UserError
 
 
@@ -72,6 +72,7 @@ def staged_directory(dst: Path, force: bool):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     follow_umask(staging)
+    sync_tree(staging)
     if dst.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
         os.replace(dst, backup / dst.name)
@@ -79,3 +80,4 @@ def staged_directory(dst: Path, force: bool):
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(staging, dst)
+    fsync(dst.parent)

@@ -22,9 +22,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from opt_ds.models.presets import OPTShape
-from opt_ds.parallel.checkpoint_info import checkpoint_client_state, shape_from_client_state
+from opt_ds.train.contract import mp_rank_state, shape_from_client_state
 from opt_ds.models.family import family_of
-from opt_ds.parallel.gather import merge_shards, split_full
 from opt_ds.parallel.pipe import final_layer_index, tensor_parallel_dims
 
 from conversion import canonical as C
@@ -32,7 +31,8 @@ from conversion.families import names_of
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, load_torch, save_torch
 from conversion.progress import progress
-from conversion.sharding import check_same, chunk, fuse_qkv_per_head, pad_rows, padded_rows, split_qkv_per_head
+from conversion.sharding import (check_same, chunk, fuse_qkv_per_head, merge_shards, pad_rows, padded_rows, split_full,
+                                 split_qkv_per_head)
 
 LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -174,20 +174,6 @@ def layer_file_name(index: int, tp_rank: int, topology) -> str:
     rank = topology.get_rank(pipe=0, data=0, model=tp_rank)
     repr_ = topology.get_rank_repr(rank=rank)
     return f"layer_{index:02d}" + (f"-{repr_}" if repr_ else "") + "-model_states.pt"
-
-
-def mp_rank_state(shape, original_vocab_size: int, tp: int, pp: int) -> dict:
-    """The engine metadata file of a weights-only checkpoint (what `engine.load_checkpoint` reads)."""
-    import deepspeed
-    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_PP_DEGREE, CHECKPOINT_TP_DEGREE
-    return {"module": None,             # pipeline weights live in the layer files
-            "buffer_names": [], "optimizer": None, "param_shapes": None, "frozen_param_shapes": None,
-            "shared_params": None, "frozen_param_fragments": None, "lr_scheduler": None, "data_sampler": None,
-            "random_ltd": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
-            "dp_world_size": 1, "mp_world_size": tp * pp,
-            CHECKPOINT_PARALLEL_DIMS: {CHECKPOINT_PP_DEGREE: pp, CHECKPOINT_TP_DEGREE: tp},
-            "ds_config": None, "ds_version": deepspeed.__version__,
-            **checkpoint_client_state(shape, original_vocab_size)}
 
 
 def write(ckpt: Checkpoint, dst: Path, *, tp: int = 1, pp: int = 1, tag: str = DEFAULT_TAG) -> None:

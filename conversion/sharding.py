@@ -76,3 +76,16 @@ def check_same(tensors: Sequence[torch.Tensor], what: str) -> torch.Tensor:
                                   "differs from rank 0; the checkpoint is inconsistent (mixed files from "
                                   "different runs?)")
     return first
+
+
+def merge_shards(shards, dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from its TP shards. With stride s the full tensor is s sub-tensors (e.g. [gate; up])
+    and each shard holds its slice of every one of them, in order: [a_r; b_r]."""
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([piece[j] for j in range(stride) for piece in pieces], dim=dim)
+
+
+def split_full(full: torch.Tensor, dim: int, parts: int, stride: int = 1) -> list:
+    """The inverse of `merge_shards`: the `parts` TP shards of a full tensor."""
+    subs = [sub.chunk(parts, dim=dim) for sub in full.chunk(stride, dim=dim)]
+    return [torch.cat([sub[rank] for sub in subs], dim=dim) for rank in range(parts)]

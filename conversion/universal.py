@@ -7,12 +7,11 @@ the checkpoint's `universal_checkpoint_info`; an engine started with `"checkpoin
 true}` at any layout then takes its slice of every parameter and of its optimizer state.
 
 `write` runs `ds_to_universal` itself (in this process, one worker), after adding the patterns of
-`opt_ds.parallel.checkpoint_info` to checkpoints saved without them. `read` turns the fp32 master weights
+`opt_ds.train.contract` to checkpoints saved without them. `read` turns the fp32 master weights
 of a universal checkpoint into the canonical form, which is how a conversion to it is verified.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import tempfile
@@ -21,9 +20,10 @@ from typing import Dict, Optional
 
 import torch
 
-from opt_ds.parallel.checkpoint_info import (MODEL_SHAPE_KEY, UNIVERSAL_INFO_KEY, checkpoint_client_state,
+from opt_ds.train.contract import (MODEL_SHAPE_KEY, UNIVERSAL_INFO_KEY, checkpoint_client_state,
                                              shape_from_client_state)
 from opt_ds.models.family import family_of
+from opt_ds.patches import run_ds_to_universal
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
@@ -39,7 +39,6 @@ def write(src, dst: Path, *, tag: Optional[str] = None, num_heads: Optional[int]
     """Convert the opt_ds training checkpoint `src` into `dst/<tag>/` + `dst/latest_universal`.
 
     Returns ds_to_universal's console output (it prints progress)."""
-    from deepspeed.checkpoint import ds_to_universal
     reader = OptDsReader(src, tag, num_heads)
     if not reader.has_optimizer_state:
         raise ConversionError(f"{reader.tag_dir} has no ZeRO optimizer files (zero_pp_rank_*_optim_states.pt), so "
@@ -47,12 +46,9 @@ def write(src, dst: Path, *, tag: Optional[str] = None, num_heads: Optional[int]
     dst = Path(dst)
     with tempfile.TemporaryDirectory(prefix=".universal-input-", dir=dst) as staged:
         input_dir = with_checkpoint_info(reader, Path(staged))
-        args = argparse.Namespace(input_folder=str(input_dir), output_folder=str(dst / reader.tag_dir.name),
-                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            ds_to_universal.main(args)
+            run_ds_to_universal(str(input_dir), str(dst / reader.tag_dir.name))
     return log.getvalue()
 
 

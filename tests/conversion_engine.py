@@ -23,7 +23,7 @@ import torch
 from opt_ds.config import ResolvedConfig, load_config
 from opt_ds.data.synthetic import SyntheticTokens
 from opt_ds.parallel.layout import shutdown_distributed
-from opt_ds.parallel.checkpoint_info import checkpoint_client_state, shape_from_client_state
+from opt_ds.train.contract import checkpoint_client_state, shape_from_client_state
 from opt_ds.train.batches import ReplicaBatches, collate
 from opt_ds.train.engine import build_engine
 

@@ -35,7 +35,7 @@ def test_opt_175b_on_992_a100s_ranks_a_layout_near_147_tflops_first(capsys):
     # The overrides printed under the row are a config opt_ds accepts at 992 ranks.
     overrides = next(line.split("CONFIG", 1)[1].split() for line in out.splitlines() if "opt-ds train CONFIG" in line)
     cfg = load_config(None, ["model.preset=opt-175b", *overrides], world_size=992)
-    assert (cfg.layout.tensor, cfg.layout.pipeline, cfg.data) == (tp, pp, dp)
+    assert (cfg.layout.tensor, cfg.layout.pipeline, cfg.data_parallel) == (tp, pp, dp)
     for kind in ("weights", "grads", "optimizer", "activations", "buffers"):
         assert kind in out
 

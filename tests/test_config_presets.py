@@ -55,4 +55,4 @@ def test_pinning_a_json_that_no_longer_matches_fails(tmp_path):
 def test_demo_llama_is_a_gqa_llama_at_tp2_pp2():
     cfg = load_config(CONFIGS / "demo-llama.yaml", world_size=4)
     assert type(cfg.shape).__name__ == "LlamaShape" and (cfg.shape.num_heads, cfg.shape.kv_heads) == (8, 2)
-    assert (cfg.tensor, cfg.pipeline, cfg.data) == (2, 2, 1) and cfg.run.optimizer.schedule == "cosine"
+    assert (cfg.tensor, cfg.pipeline, cfg.data_parallel) == (2, 2, 1) and cfg.run.optimizer.schedule == "cosine"

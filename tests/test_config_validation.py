@@ -85,9 +85,19 @@ def test_deepspeed_json_that_disagrees(tmp_path):
 
 
 def test_deepspeed_json_that_agrees(tmp_path):
+    """Keys the config sets may be repeated; keys it does not know are added, nested ones too."""
+    generated = load_config(None, BASE, world_size=1).deepspeed_config()
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1}}))
-    load_config(None, BASE + [f"deepspeed={ds}"], world_size=1)
+    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+                              "zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7},
+                              "comms_logger": {"enabled": True}}))
+    cfg = load_config(None, BASE + [f"deepspeed={ds}"], world_size=1)
+    ds.unlink()                         # read once, when the config is resolved
+    merged = cfg.deepspeed_config()
+    assert merged["comms_logger"] == {"enabled": True}
+    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7}
+    assert {k: v for k, v in merged.items() if k not in ("comms_logger", "zero_optimization")} == \
+        {k: v for k, v in generated.items() if k != "zero_optimization"}
 
 
 def test_missing_config_file():

@@ -2,16 +2,25 @@
 the analytic formulas and the published sizes (OPT: Hugging Face's checkpoints; LLaMA: Hugging Face's
 LlamaForCausalLM on the same config)."""
 import pytest
+import torch
 import torch.distributed as dist
 
 from opt_ds.models.presets import PRESETS, analytic_parameter_count
 from opt_ds.parallel.layout import shutdown_distributed
-from opt_ds.parallel.pipe import count_parameters
+from opt_ds.parallel.pipe import single_device_model
 
 PUBLISHED = {"opt-125m": 125_239_296, "opt-350m": 331_196_416, "opt-1.3b": 1_315_758_080,
              "opt-2.7b": 2_651_596_800, "opt-6.7b": 6_658_473_984, "opt-13b": 12_853_473_280,
              "llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-33b": 32_528_943_616,
              "llama-65b": 65_285_660_672, "llama2-70b": 68_976_648_192}
+
+
+def count_parameters(shape) -> int:
+    """Parameters of the full model, counted on the meta device (nothing is allocated, so opt-175b is
+    counted in milliseconds). No process group is needed."""
+    with torch.device("meta"):
+        model = single_device_model(shape)
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -716,14 +716,14 @@ def _meta_edit(t, r, edit, files="mp_rank_*_model_states.pt"):
 
 
 def _drop_shape(state):
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.train.contract import MODEL_SHAPE_KEY
     state.pop(MODEL_SHAPE_KEY, None)
     return state
 
 
 def _shape_with_layers(layers):
     def edit(state):
-        from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+        from opt_ds.train.contract import MODEL_SHAPE_KEY
         state[MODEL_SHAPE_KEY] = {**state[MODEL_SHAPE_KEY], "num_layers": layers}
         return state
     return edit
@@ -742,7 +742,7 @@ case("ods-needs-num-heads", lambda t, r: conv(t, r, t / "ods", to="hf"), "pass -
 
 
 def _vocab_rows(state):
-    from opt_ds.parallel.checkpoint_info import MODEL_SHAPE_KEY
+    from opt_ds.train.contract import MODEL_SHAPE_KEY
     state[MODEL_SHAPE_KEY] = {**state[MODEL_SHAPE_KEY], "vocab_size": 200}
     return state
 
@@ -755,7 +755,7 @@ case("ods-embedding-rows", lambda t, r: conv(t, r, t / "ods", to="hf"), "the emb
 def _run_tokenizer(folder: Path):
     """A run config whose data.tokenizer names `folder`, recorded in the checkpoint as `opt-ds train` does."""
     def edit(state):
-        from opt_ds.train.checkpoint import RUN_STATE_KEY
+        from opt_ds.train.contract import RUN_STATE_KEY
         return {**state, RUN_STATE_KEY: {"config": {"data": {"tokenizer": str(folder)}}}}
     return edit
 
@@ -780,7 +780,7 @@ case("universal-incomplete", lambda t, r: conv(t, r, t / "u", to="hf"), "missing
 
 
 def _universal(t, r, with_shape=True, with_param=True):
-    from opt_ds.parallel.checkpoint_info import checkpoint_client_state
+    from opt_ds.train.contract import checkpoint_client_state
     from conversion.hf import read
     tag = t / "u" / "global_step1"
     (tag / "zero").mkdir(parents=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from opt_ds.bench.cases import NAMED_CASES, PRECISIONS, BenchCase, parse_case, with_changes
 from opt_ds.bench.project_cli import add_projection_arguments, projection_inputs_from
 from opt_ds.config import ConfigError
+from opt_ds.durable import write_atomically
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -329,7 +330,7 @@ def run_projection(args, suite, inputs, cuda: bool) -> None:
         record["published"] = {"run": run.name, "value": run.published, "convention": run.convention,
                                "predicted": value}
     print("\n" + text)
-    report.write_atomic(args.out / f"projection-{hardware_key(inputs.hardware)}.txt", text + "\n")
+    write_atomically(args.out / f"projection-{hardware_key(inputs.hardware)}.txt", text + "\n")
     with open(args.out / report.RESULTS, "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -3,7 +3,7 @@
 # soon as it is measured, so a session cut short keeps what it had).
 #
 # Needs: Python 3.12 with torch, transformers, matplotlib and nvidia-ml-py (the GPU image has them), and
-# the rest of opt_ds's dependencies as wheels in .whl/ (`bash opt_ds/bench/prepare_gpu_wheels.sh` fills it
+# the rest of opt_ds's dependencies as wheels in .whl/ (`bash scripts/prepare_gpu_wheels.sh` fills it
 # where PyPI is reachable; carry .whl to the machine). Run from anywhere:
 #   OPT_DS_GIT_COMMIT=<commit> bash opt_ds/bench/gpu_session.sh
 # Writes under $OUT (default runs/gpu_session): results.jsonl, table.txt, tflops.png, workers.log,

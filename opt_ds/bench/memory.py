@@ -28,14 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
+from opt_ds.bench.inputs import PRECISION_BYTES, ProjectionInputs
 from opt_ds.models.shape import DecoderShape
-
-if TYPE_CHECKING:
-    from opt_ds.bench.project import ProjectionInputs
-
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 GIB = 2 ** 30
 REDUCE_BUCKET_ELEMENTS = 500_000_000        # DeepSpeed zero_optimization.reduce_bucket_size default
 KINDS = ("weights", "gradients", "optimizer", "activations", "buffers")

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import Optional
 
+from opt_ds.durable import replacing
 from opt_ds.models.flops import OPT_175B_A100_TFLOPS
 from opt_ds.bench.metrics import NOISY_SPREAD, peer_key
 
@@ -134,12 +135,6 @@ def append_jsonl(path: Path, rows: list, context: dict) -> None:
             f.write(json.dumps({**context, **row}, default=str) + "\n")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def chart(rows: list, path: Path, title: str) -> Optional[str]:
     """Bar chart of model TFLOP/s per GPU per case beside its peers, hardware TFLOP/s as markers, and
     the 147 TFLOP/s reference line. Returns why no chart was drawn, or None."""
@@ -182,10 +177,9 @@ def chart(rows: list, path: Path, title: str) -> Optional[str]:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     fig.text(0.01, 0.005, textwrap.fill(REFERENCE_NOTE, 120), fontsize=6.5)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return None
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 from opt_ds.bench import report
 from opt_ds.bench.cases import BenchCase
+from opt_ds.durable import write_atomically
 from opt_ds.bench.metrics import add_peer_ratios, classify_failure, derive
 from opt_ds.bench.provenance import REPO_ROOT, git_commit, versions
 
@@ -121,7 +122,7 @@ class Suite:
     def write(self, new_rows: list) -> None:
         """Append the new rows to results.jsonl; rewrite table.txt and the chart for the whole run."""
         report.append_jsonl(self.opts.out_dir / report.RESULTS, new_rows, self.context)
-        report.write_atomic(self.opts.out_dir / report.TABLE, self.text())
+        write_atomically(self.opts.out_dir / report.TABLE, self.text())
         self.chart_note = report.chart(self.rows, self.opts.out_dir / report.CHART, self.title())
 
     def title(self) -> str:

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,6 +20,7 @@ from opt_ds.bench.cases import BenchCase
 from opt_ds.bench.provenance import device_name
 from opt_ds.bench.telemetry import combine_gpu_windows
 from opt_ds.bench.timing import slowest_rank_per_step, time_steps
+from opt_ds.durable import write_atomically
 from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 
@@ -38,7 +38,7 @@ def measure_case(case: BenchCase, steps: int, warmup: int) -> Optional[dict]:
     if case.compile:
         engine.module.compile()
     batches = ReplicaBatches(SyntheticTokens(case.shape.vocab_size, case.seq), global_batch=case.global_batch,
-                             micro_batch=case.micro_batch, data_parallel_size=cfg.data,
+                             micro_batch=case.micro_batch, data_parallel_size=cfg.data_parallel,
                              data_parallel_rank=parallel_state.get_data_parallel_rank())
     mine = time_steps(lambda: engine.train_batch(batches), steps, warmup)
     mine["stage"] = engine.stage_id
@@ -66,10 +66,7 @@ def _tf32_allowed() -> bool:
 
 
 def write_result(path: str, record: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, target)
+    write_atomically(path, json.dumps(record))
 
 
 def main(argv=None) -> int:

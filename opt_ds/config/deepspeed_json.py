@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from opt_ds.config.sections import ConfigError
-
-if TYPE_CHECKING:
-    from opt_ds.config.resolve import ResolvedConfig
+from opt_ds.config.sections import ConfigError, RunConfig
 
 
-def deepspeed_config(cfg: ResolvedConfig) -> dict:
+def deepspeed_config(run: RunConfig, gradient_accumulation_steps: int) -> dict:
     """The DeepSpeed JSON for this run, derived from the typed config (never written by hand)."""
-    run = cfg.run
     prec = run.precision
     ds = {
         "train_batch_size": run.batch.global_batch_size,
         "train_micro_batch_size_per_gpu": run.batch.micro_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
         "gradient_clipping": run.optimizer.clip_grad,
         "zero_optimization": {"stage": run.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,

@@ -1,8 +1,9 @@
 """Validation of a RunConfig and everything derived from it once (DP degree, gradient accumulation)."""
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from opt_ds.config.deepspeed_json import deepspeed_config, merge_deepspeed_json
@@ -18,17 +19,18 @@ class ResolvedConfig:
     shape: object                   # the model family's shape dataclass
     tensor: int
     pipeline: int
-    data: int
+    data_parallel: int              # the DP degree (the data section is run.data)
     gradient_accumulation_steps: int
+    deepspeed_json: dict = field(compare=False)     # generated, merged with the user's JSON: read once
 
     @property
     def layout(self):
         from opt_ds.parallel.layout import ParallelLayout
-        return ParallelLayout(self.tensor, self.pipeline, self.data)
+        return ParallelLayout(self.tensor, self.pipeline, self.data_parallel)
 
     def deepspeed_config(self) -> dict:
-        generated = deepspeed_config(self)
-        return merge_deepspeed_json(generated, self.run.deepspeed) if self.run.deepspeed else generated
+        """The run's DeepSpeed JSON, a copy the caller may change (DeepSpeed itself edits the dict it gets)."""
+        return copy.deepcopy(self.deepspeed_json)
 
 
 def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
@@ -79,9 +81,10 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
         raise ConfigError("data.train is empty: list the datasets to train on (- path: PREFIX, weight: 1.0), or "
                           "drop data.train to train on synthetic tokens (data.synthetic)")
     _check_fault_tolerance(run, tp * pp * dp)
-    resolved = ResolvedConfig(run, shape, tp, pp, dp, gas)
-    resolved.deepspeed_config()         # a disagreeing DeepSpeed JSON fails now, not at engine start
-    return resolved
+    generated = deepspeed_config(run, gas)
+    # a disagreeing DeepSpeed JSON fails now, not at engine start
+    merged = merge_deepspeed_json(generated, run.deepspeed) if run.deepspeed else generated
+    return ResolvedConfig(run, shape, tp, pp, dp, gas, merged)
 
 
 FAULT_INJECTION_ENV = "OPT_DS_FAULT_INJECTION"

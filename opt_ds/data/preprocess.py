@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from opt_ds.data import atomic
+from opt_ds import durable
 from opt_ds.data.dedup import MinHasher, NearDuplicateIndex, exact_digest
 from opt_ds.data.files import DatasetFiles
 from opt_ds.data.megatron_quiet import import_quietly, quiet_dataset_logs
@@ -310,9 +310,9 @@ def _tokenize_chunk(texts: list[str], prefix: str) -> dict:
             builder.add_document(np.asarray(ids), [len(ids)])
             stats["tokens"] += len(ids)
         builder.finalize(prefix + ".idx.tmp")
-        os.replace(prefix + ".bin.tmp", prefix + ".bin")
-        os.replace(prefix + ".idx.tmp", prefix + ".idx")
-    atomic.write_text(Path(prefix + ".json"), json.dumps(stats))
+        durable.replace(Path(prefix + ".bin.tmp"), Path(prefix + ".bin"))
+        durable.replace(Path(prefix + ".idx.tmp"), Path(prefix + ".idx"))
+    durable.write_atomically(Path(prefix + ".json"), json.dumps(stats))
     return stats
 
 
@@ -385,8 +385,8 @@ def _publish(out: DatasetFiles, work: WorkDir, chunks: list[dict], summary: dict
     del check
 
     open_tokenizer_dir(work.tokenizer).save(out.tokenizer)
-    atomic.write_text(out.summary, json.dumps(summary, indent=1) + "\n")
+    durable.write_atomically(out.summary, json.dumps(summary, indent=1) + "\n")
     out.idx.unlink(missing_ok=True)  # never a new .bin beside an old .idx, even for a moment
-    os.replace(f"{merged}.bin", out.bin)
-    os.replace(f"{merged}.idx", out.idx)
+    durable.replace(Path(f"{merged}.bin"), out.bin)
+    durable.replace(Path(f"{merged}.idx"), out.idx)
     work.discard()

@@ -19,7 +19,7 @@ from typing import Iterable
 
 from tokenizers import ByteLevelBPETokenizer
 
-from opt_ds.data import atomic
+from opt_ds import durable
 from opt_ds.data.files import DatasetFiles
 from opt_ds.errors import UserError
 
@@ -99,10 +99,10 @@ class BPETokenizer:
 def save_files(files: dict, directory: str | os.PathLike) -> Path:
     """Copy a tokenizer's files into the directory `directory` (replaced whole, atomically)."""
     directory = Path(directory)
-    staging = atomic.staging_dir(directory)
+    staging = durable.staging_dir(directory)
     for name, path in files.items():
         shutil.copyfile(path, staging / name)
-    atomic.replace(staging, directory)
+    durable.replace(staging, directory)
     return directory
 
 
@@ -205,9 +205,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output_dir: str | os.PathLi
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     output_dir = Path(output_dir)
-    staging = atomic.staging_dir(output_dir)
+    staging = durable.staging_dir(output_dir)
     bpe.save_model(str(staging))
-    atomic.replace(staging, output_dir)
+    durable.replace(staging, output_dir)
     return BPETokenizer(*tokenizer_files(output_dir))
 
 
@@ -275,8 +275,8 @@ def train_byte_fallback_bpe(texts: Iterable[str], vocab_size: int, output_dir: s
               "pad_token": None, "add_bos_token": True, "add_eos_token": False, "add_prefix_space": True,
               "legacy": False, "clean_up_tokenization_spaces": False}
     output_dir = Path(output_dir)
-    staging = atomic.staging_dir(output_dir)
+    staging = durable.staging_dir(output_dir)
     tok.save(str(staging / HF_TOKENIZER_FILE))
     (staging / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-    atomic.replace(staging, output_dir)
+    durable.replace(staging, output_dir)
     return HFTokenizer(output_dir / HF_TOKENIZER_FILE)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opt_ds.data import atomic
+from opt_ds import durable
 from opt_ds.errors import UserError
 
 
@@ -57,7 +57,7 @@ class WorkDir:
                     f"{', '.join(changed)}). Rerun that command to finish it, or pass --restart to discard it")
         self.discard(keep_lock=True)
         self.chunks.mkdir(parents=True)
-        atomic.write_text(manifest, json.dumps(fingerprint, indent=1))
+        durable.write_atomically(manifest, json.dumps(fingerprint, indent=1))
 
     def discard(self, keep_lock: bool = False) -> None:
         for entry in self.path.iterdir():
@@ -75,7 +75,7 @@ class WorkDir:
 
     def save_scan(self, scan: Scan) -> Scan:
         np.save(self.path / "scan-keep.npy", scan.keep)  # before scan.json, which marks the scan done
-        atomic.write_text(self.path / "scan.json", json.dumps({"counts": scan.counts, "examples": scan.examples}))
+        durable.write_atomically(self.path / "scan.json", json.dumps({"counts": scan.counts, "examples": scan.examples}))
         return scan
 
     def chunk_prefix(self, index: int) -> Path:

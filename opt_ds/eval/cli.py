@@ -122,7 +122,7 @@ def checked_tokenizer(spec, saved: dict, vocab_size: int, where):
 
 def write_results(output: Path, results: dict, perplexities: list, point) -> Path:
     from lm_eval.utils import handle_non_serializable
-    from opt_ds.train.durable import write_atomically
+    from opt_ds.durable import write_atomically
     output.mkdir(parents=True, exist_ok=True)
     document = {**results, "checkpoint": str(point.folder),
                 "perplexity": [p.as_dict() for p in perplexities]}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from opt_ds.models.presets import PAD_ID
+from opt_ds.patches import forget_last_loss
 
 Request = tuple  # (token ids: list[int], number of final tokens scored: int)
 
@@ -61,7 +62,7 @@ class PipelineScorer:
                 eta.advance(len(call))
         finally:
             self.engine.reset_activation_shape()
-            self.engine.total_loss = None
+            forget_last_loss(self.engine)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, kept)
         merged = {index: result for part in everyone for index, result in part.items()}
@@ -75,7 +76,7 @@ class PipelineScorer:
                 tokens[r, :len(ids) - 1] = torch.tensor(ids[:-1])
             batches.append((tokens, (torch.zeros_like(tokens), torch.zeros(tokens.shape))))
         self.engine.reset_activation_shape()
-        self.engine.total_loss = None
+        forget_last_loss(self.engine)
         logits = self.engine.eval_batch(iter(batches), return_logits=False, compute_loss=False, reduce_output=None,
                                         bcast_loss=False, num_micro_batches=self.micro_batches)
         if not self.engine.is_last_stage():

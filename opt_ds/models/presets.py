@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from opt_ds.models.family import Preset, all_presets, family_of, get_preset  # noqa: F401
 # OPT's constants, where code written before the family seam looks for them.
-from opt_ds.models.opt.shape import (BOS_ID, EOS_ID, OPT_MAX_POSITIONS, OPT_TOKENIZER_SIZE,  # noqa: F401
-                                     OPT_VOCAB_SIZE, PAD_ID, POSITION_OFFSET, OPTShape)
+from opt_ds.models.opt.shape import (BOS_ID, EOS_ID, OPT_MAX_POSITIONS, OPT_VOCAB_SIZE,  # noqa: F401
+                                     PAD_ID, POSITION_OFFSET, OPTShape)
 
 PRESETS = all_presets()
 

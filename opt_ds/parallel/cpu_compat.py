@@ -1,6 +1,7 @@
 """The CPU adaptations that let megatron-core and DeepSpeed run without CUDA (tests, CI, the demo).
 
-Everything CPU-specific lives here and every function is a no-op when CUDA is present:
+Everything CPU-specific lives here (its writes to private internals go through opt_ds.patches) and every
+function is a no-op when CUDA is present:
   * megatron-core allocates communication buffers on `torch.cuda.current_device()`: point it at the CPU;
   * megatron-core's model-parallel RNG tracker saves and restores the CUDA generator: swap in a tracker
     that forks the CPU generator instead;
@@ -11,9 +12,10 @@ Everything CPU-specific lives here and every function is a no-op when CUDA is pr
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
+
+from opt_ds.patches import skip_shm_op, use_cpu_rng_tracker
 
 _applied = False
 
@@ -73,12 +75,8 @@ def apply_cpu_adaptations() -> None:
         return
     torch.cuda.current_device = _cpu_current_device
 
-    from megatron.core.tensor_parallel import random as megatron_random
-    megatron_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-
-    # `import deepspeed.comm.torch as m` resolves to the function deepspeed.comm.torch, not the module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    use_cpu_rng_tracker(CPURNGStatesTracker())
+    skip_shm_op()
 
     from deepspeed.accelerator import get_accelerator
     type(get_accelerator()).is_fp16_supported = lambda self: True

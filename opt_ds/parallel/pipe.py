@@ -96,14 +96,6 @@ def single_device_model(shape, mp_config=None) -> torch.nn.Sequential:
     return modules
 
 
-def count_parameters(shape) -> int:
-    """Parameters of the full model, counted on the meta device (nothing is allocated, so opt-175b is
-    counted in milliseconds). No process group is needed."""
-    with torch.device("meta"):
-        model = single_device_model(shape)
-    return sum(p.numel() for p in model.parameters())
-
-
 class TensorSplit(NamedTuple):
     dim: Optional[int]      # the dim split across TP ranks; None: every TP rank holds the whole tensor
     stride: int             # sub-tensors the full tensor is made of, each split alike (gate/up: 2)

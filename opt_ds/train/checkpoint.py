@@ -25,11 +25,11 @@ import torch.distributed as dist
 from opt_ds.errors import UserError
 from opt_ds.train import manifest
 from opt_ds.train.collective import barrier, from_rank0, rank_and_world
-from opt_ds.train.durable import fsync, write_atomically
+from opt_ds.durable import fsync, write_atomically
+from opt_ds.train.contract import ENGINE_STATES, MODEL_FAMILY_KEY, MODEL_SHAPE_KEY, RUN_STATE_KEY, saved_layout
 
 LATEST = "latest"
 UNIVERSAL_LATEST = "latest_universal"     # written by `opt-ds convert --to universal`
-RUN_STATE_KEY = "opt_ds"
 ABANDONED = "abandoned"
 STAGING = ".tmp-"           # + tag: a checkpoint being written
 REPLACED = ".replaced-"     # + tag: the published copy of a step being re-saved, until the new one is in place
@@ -235,7 +235,7 @@ class ResumePoint:
     directory: Path
     tag: str
     kind: str
-    saved: dict             # the client state stored in mp_rank_00_model_states.pt
+    saved: dict             # the client state stored in contract.ENGINE_STATES
 
     @property
     def folder(self) -> Path:
@@ -301,7 +301,7 @@ def describe(directory: Path, tag: Optional[str] = None) -> ResumePoint:
     else:
         tag = tag or latest_tag(directory)
         kind = "full" if any((directory / str(tag)).glob("*zero_pp_rank_*_optim_states.pt")) else "weights"
-    states = directory / tag / "mp_rank_00_model_states.pt"
+    states = directory / tag / ENGINE_STATES
     if not states.is_file():
         raise CheckpointError(f"checkpoint {directory / tag} is incomplete: {states.name} is missing; resume from "
                               "an earlier global_step* folder (write its name into 'latest')")
@@ -319,7 +319,6 @@ def describe(directory: Path, tag: Optional[str] = None) -> ResumePoint:
 def check_compatible(point: ResumePoint, shape, layout) -> None:
     """The checkpoint must hold this model, and a full checkpoint this layout (ZeRO partitions do not move)."""
     from opt_ds.models.family import family_of
-    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
     stored = point.saved.get(MODEL_SHAPE_KEY)
     if stored is not None:
         stored_family, family = point.saved.get(MODEL_FAMILY_KEY, "opt"), family_of(shape).name
@@ -335,9 +334,9 @@ def check_compatible(point: ResumePoint, shape, layout) -> None:
                                   "it was trained with")
     run_state = point.run_state
     if point.kind == "full" and run_state is not None:
-        saved_layout = tuple(run_state["layout"][k] for k in ("tensor", "pipeline", "data"))
-        if saved_layout != (layout.tensor, layout.pipeline, layout.data):
-            tp, pp, dp = saved_layout
+        saved = saved_layout(run_state)
+        if saved != (layout.tensor, layout.pipeline, layout.data):
+            tp, pp, dp = saved
             raise CheckpointError(
                 f"{point.folder} was saved at TP={tp} x PP={pp} x DP={dp}, this run is {layout}; ZeRO optimizer "
                 f"state only loads at the layout that wrote it. Convert it once with `opt-ds convert "

@@ -1,14 +1,12 @@
 """Build the DeepSpeed pipeline engine for a resolved config: model, AdamW, LR schedule, ZeRO, precision."""
 from __future__ import annotations
 
-import functools
-import types
-
 import torch
 
 from opt_ds.config import ResolvedConfig
 from opt_ds.parallel.pipe import build_pipeline
-from opt_ds.train.schedule import lr_multiplier
+from opt_ds.patches import check_engine, replace_fp32_clipping, set_global_grad_norm
+from opt_ds.train.schedule import LearningRateSchedule
 
 
 def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list:
@@ -28,12 +26,11 @@ def make_optimizer(module: torch.nn.Module, cfg: ResolvedConfig) -> torch.optim.
                              eps=opt.eps, fused=fused, foreach=None if fused else False)
 
 
-def make_scheduler(optimizer, cfg: ResolvedConfig):
+def make_scheduler(optimizer, cfg: ResolvedConfig) -> LearningRateSchedule:
     opt = cfg.run.optimizer
-    multiplier = functools.partial(
-        lr_multiplier, warmup_steps=opt.warmup_steps, decay_steps=opt.decay_steps or cfg.run.train.steps,
-        min_ratio=opt.min_lr_ratio, style=opt.schedule)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return LearningRateSchedule(optimizer, warmup_steps=opt.warmup_steps,
+                                decay_steps=opt.decay_steps or cfg.run.train.steps, min_ratio=opt.min_lr_ratio,
+                                style=opt.schedule)
 
 
 def global_grad_norm(engine) -> torch.Tensor:
@@ -65,7 +62,7 @@ def _clip_fp32_gradients(engine) -> None:
     for param in engine.module.parameters():
         if param.grad is not None:
             param.grad.mul_(coefficient)
-    engine._global_grad_norm = norm.item()
+    set_global_grad_norm(engine, norm.item())
 
 
 def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal: bool = False):
@@ -83,7 +80,9 @@ def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal:
                             partition_method=run.parallel.partition_method)
     if not for_training:
         config = {**cfg.deepspeed_config(), "zero_optimization": {"stage": 0}}
-        return deepspeed.initialize(model=module, config=config)[0]
+        engine = deepspeed.initialize(model=module, config=config)[0]
+        check_engine(engine)
+        return engine
     config = cfg.deepspeed_config()
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
@@ -94,5 +93,6 @@ def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal:
         config=config,
     )
     if run.parallel.zero_stage == 0:
-        engine.clip_fp32_gradients = types.MethodType(_clip_fp32_gradients, engine)
+        replace_fp32_clipping(engine, _clip_fp32_gradients)
+    check_engine(engine)
     return engine

@@ -27,41 +27,41 @@ import torch
 import torch.distributed as dist
 
 from opt_ds.train.checkpoint import STAGING, step_tag
-from opt_ds.train.health import before_reduce_grads, local_gradients
-from opt_ds.train.recovery import set_scheduled_lr
+from opt_ds.patches import before_reduce_grads, local_gradients, wrap_checkpoint_writes
 
 SPIKE_LR_MULTIPLIER = 100.0
 BAD_REPLICA_SCALE = 1000.0
 
 
 class FaultInjector:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.cfg = trainer.cfg.run.faults
-        self.target_rank = self.cfg.rank % trainer.world_size
+    def __init__(self, cfg, engine, metrics, *, rank: int, world_size: int):
+        """`cfg`: the config's faults section."""
+        self.cfg, self.engine, self.metrics, self.rank = cfg, engine, metrics, rank
+        self.target_rank = cfg.rank % world_size
         self.fired = set()
         self._spiking = False
-        engine = trainer.engine
-        if self.cfg.kill_during_save_at_step is not None and trainer.rank == self.target_rank:
-            self._kill_during_writes(engine, STAGING + step_tag(self.cfg.kill_during_save_at_step))
-        if self.cfg.bad_replica_at_step is not None and trainer.rank == self.target_rank:
+        self._step = 0                  # the step being trained
+        if cfg.kill_during_save_at_step is not None and rank == self.target_rank:
+            self._kill_during_writes(engine, STAGING + step_tag(cfg.kill_during_save_at_step))
+        if cfg.bad_replica_at_step is not None and rank == self.target_rank:
             before_reduce_grads(engine, self._bad_replica)
 
-    def announce(self) -> None:
+    def announce(self, step: int) -> None:
         armed = self.cfg.armed()
         text = ", ".join(f"{k}={v}" for k, v in armed.items())
-        if self.trainer.rank == 0:
+        if self.rank == 0:
             print(f"[opt_ds] !!! FAULT INJECTION ARMED: {text} (rank {self.target_rank}); this run is broken on "
                   "purpose, for tests !!!", flush=True)
-        self.trainer.metrics.log("faults_armed", self.trainer.state.step, rank=self.target_rank, **armed)
+        self.metrics.log("faults_armed", step, rank=self.target_rank, **armed)
 
     def _say(self, text: str) -> None:
-        print(f"[opt_ds] FAULT (rank {self.trainer.rank}): {text}", flush=True)
+        print(f"[opt_ds] FAULT (rank {self.rank}): {text}", flush=True)
 
     # --- training --------------------------------------------------------------------------------
 
     def before_step(self, state) -> None:
-        engine = self.trainer.engine
+        engine = self.engine
+        self._step = state.step + 1
         if self.cfg.nan_at_step == state.step + 1 and (self.cfg.persistent or "nan" not in self.fired):
             self.fired.add("nan")
             if engine.is_first_stage():
@@ -70,46 +70,45 @@ class FaultInjector:
                     weight.view(-1)[0] = float("nan")
                 self._say(f"a weight is NaN before step {state.step + 1}")
         if self.cfg.spike_at_step == state.data_step + 1:
-            for group in engine.optimizer.param_groups:
-                group["lr"] *= SPIKE_LR_MULTIPLIER
+            engine.lr_scheduler.scale_this_step(SPIKE_LR_MULTIPLIER)
             self._spiking = True
-            if self.trainer.rank == 0:
+            if self.rank == 0:
                 self._say(f"step {state.step + 1} reads the poisoned batch {self.cfg.spike_at_step}: "
                           f"{SPIKE_LR_MULTIPLIER:g}x LR update")
 
     def after_step(self) -> None:
         if self._spiking:
-            set_scheduled_lr(self.trainer.engine)
+            self.engine.lr_scheduler.apply()
             self._spiking = False
 
     def _bad_replica(self) -> None:
-        if self.trainer.state.step + 1 != self.cfg.bad_replica_at_step or "bad_replica" in self.fired:
+        if self._step != self.cfg.bad_replica_at_step or "bad_replica" in self.fired:
             return
         self.fired.add("bad_replica")
-        for grad in local_gradients(self.trainer.engine):
+        for grad in local_gradients(self.engine):
             grad.mul_(BAD_REPLICA_SCALE)
         self._say(f"local gradients x{BAD_REPLICA_SCALE:g} in step {self.cfg.bad_replica_at_step}")
 
     # --- checkpoints -----------------------------------------------------------------------------
 
     def _kill_during_writes(self, engine, staging: str) -> None:
-        writer = engine.checkpoint_engine
-        write = writer.save
+        def wrap(write):
+            def save(state_dict, path):
+                if staging not in str(path):
+                    return write(state_dict, path)
+                buffer = io.BytesIO()
+                torch.save(state_dict, buffer)
+                data = buffer.getvalue()
+                with open(path, "wb") as f:
+                    f.write(data[:len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._say(f"killed half-way through writing {path} ({len(data) // 2} of {len(data)} bytes)")
+                os._exit(137)
 
-        def save(state_dict, path):
-            if staging not in str(path):
-                return write(state_dict, path)
-            buffer = io.BytesIO()
-            torch.save(state_dict, buffer)
-            data = buffer.getvalue()
-            with open(path, "wb") as f:
-                f.write(data[:len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            self._say(f"killed half-way through writing {path} ({len(data) // 2} of {len(data)} bytes)")
-            os._exit(137)
+            return save
 
-        writer.save = save
+        wrap_checkpoint_writes(engine, wrap)
 
     def in_publish_gap(self, step: int) -> None:
         if self.cfg.kill_in_publish_gap_at_step == step:

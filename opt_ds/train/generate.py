@@ -14,6 +14,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from opt_ds.data.tokenizer import EOS_ID, PAD_ID
 from opt_ds.errors import UserError
+from opt_ds.patches import forget_last_loss
 
 
 class GenerationError(UserError):
@@ -73,7 +74,7 @@ def generate(engine, prompt_ids: list, *, max_new_tokens: int, seq_length: int, 
         batch = torch.full((micro_batch, seq_length), pad_id, dtype=torch.long)
         batch[:, :len(tokens)] = torch.tensor(tokens)
         dummy_labels = (torch.zeros_like(batch), torch.zeros(batch.shape))
-        engine.total_loss = None    # eval_batch adds outputs onto the last training step's loss otherwise
+        forget_last_loss(engine)
         _, logits = engine.eval_batch(iter([(batch, dummy_labels)]), return_logits=True, compute_loss=False,
                                       reduce_output=None, bcast_loss=False, num_micro_batches=1)
         choice = torch.zeros(1, dtype=torch.long, device=device)

@@ -33,7 +33,7 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     """The run config a checkpoint was trained with; for a weights-only checkpoint written by
     `opt-ds convert`, one built from its stored model shape and the TP degree of its files."""
     from opt_ds.train import checkpoint
-    from opt_ds.parallel.checkpoint_info import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY
+    from opt_ds.train.contract import MODEL_FAMILY_KEY, MODEL_SHAPE_KEY, tensor_parallel_degree
     if point.kind == "universal":
         raise checkpoint.CheckpointError(f"{point.directory} is a universal checkpoint, which only an engine with an "
                                          "optimizer can load; use the training checkpoint it was made from, or "
@@ -44,7 +44,7 @@ def saved_run_config(point: checkpoint.ResumePoint) -> dict:
     if shape is None:
         raise checkpoint.CheckpointError(f"{point.folder} records neither a run config nor a model shape; it was not "
                                          "written by `opt-ds train` or `opt-ds convert`")
-    tensor = max(1, len(list(point.folder.glob("layer_00-model_*-model_states.pt"))))
+    tensor = tensor_parallel_degree(point.saved, point.folder)
     settable = {f.name for f in dataclasses.fields(ModelConfig)}     # derived entries (layer_norm_eps) are not
     model = {k: v for k, v in shape.items() if k in settable and v is not None}
     model["family"] = point.saved.get(MODEL_FAMILY_KEY, "opt")
@@ -79,9 +79,10 @@ def inference_config(saved: dict, world_size: int, pipeline: int | None = None, 
 def locate(path: Path) -> checkpoint.ResumePoint:
     """A train.save_dir (its 'latest' pointer) or a checkpoint folder itself, checked against its manifest."""
     from opt_ds.train import checkpoint
+    from opt_ds.train.contract import ENGINE_STATES
     if (path / checkpoint.LATEST).is_file() or (path / checkpoint.UNIVERSAL_LATEST).is_file():
         directory, tag = path, None
-    elif (path / "mp_rank_00_model_states.pt").is_file():
+    elif (path / ENGINE_STATES).is_file():
         directory, tag = path.parent, path.name
     else:
         raise checkpoint.CheckpointError(f"{path} is neither a checkpoint folder nor a train.save_dir with a "

@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from opt_ds.patches import before_reduce_grads, local_gradients
 from opt_ds.train.collective import device
 
 
@@ -177,28 +178,6 @@ def replica_anomalies(norms: list, ratio: float, names: Optional[list] = None) -
 
 def _show(norms: list) -> str:
     return "[" + ", ".join(f"{n:.3g}" for n in norms) + "]"
-
-
-def before_reduce_grads(engine, hook) -> None:
-    """Run `hook()` on this rank right before the pipeline engine's gradient reduction (DeepSpeed's
-    ReduceGrads instruction). Hooks chain: the one installed last runs first."""
-    from deepspeed.runtime.pipe import schedule
-    previous = engine._INSTRUCTION_MAP[schedule.ReduceGrads]
-
-    def reduce_grads(self):
-        hook()
-        previous(self)
-
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ReduceGrads: reduce_grads}
-
-
-def local_gradients(engine):
-    """This rank's gradients as they are before the data-parallel reduction (fp32 master copies under the
-    bf16 optimizer, which accumulates there)."""
-    for param in engine.module.parameters():
-        grad = getattr(param, "_hp_grad", None) if engine.using_bf16_optimizer else param.grad
-        if grad is not None:
-            yield grad
 
 
 class ReplicaNormProbe:

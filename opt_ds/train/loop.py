@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,43 +11,14 @@ import torch.distributed as dist
 from opt_ds.config import ResolvedConfig
 from opt_ds.models import flops
 from opt_ds.models.presets import analytic_parameter_count
+from opt_ds.patches import forward_passes, set_forward_passes
 from opt_ds.train import checkpoint, run_folder, save_lock
-from opt_ds.parallel.checkpoint_info import checkpoint_client_state
 from opt_ds.parallel.pipe import recomputed_decoder_layers
 from opt_ds.train.batches import ReplicaBatches
+from opt_ds.train.contract import RunState
 from opt_ds.train.engine import build_engine
 from opt_ds.train.metrics import MetricsLogger
-from opt_ds.train.recovery import Supervisor
-
-
-@dataclass
-class RunState:
-    """What a checkpoint must carry besides DeepSpeed's own state for the resume to be exact."""
-    step: int = 0
-    micro_offset: int = 0           # forward passes so far: DeepSpeed derives dropout seeds from it
-    # Divergence recovery (opt_ds.train.recovery); run state, so every later resume keeps it.
-    data_offset: int = 0            # data steps skipped: step s reads the batch of data step s + data_offset
-    lr_scale: float = 1.0           # product of the LR cuts: peak LR = optimizer.lr x lr_scale
-    clip_grad: Optional[float] = None   # gradient clipping set by a recovery (None: optimizer.clip_grad)
-    retries: int = 0                # rollbacks since the last healthy checkpoint past `diverged_at`
-    recoveries: int = 0             # rollbacks in the whole run
-    diverged_at: Optional[int] = None   # step of the last divergence
-    health: dict = field(default_factory=dict)  # the health monitor's recent losses
-
-    @property
-    def data_step(self) -> int:
-        return self.step + self.data_offset
-
-    def client_state(self, cfg: ResolvedConfig) -> dict:
-        return {**checkpoint_client_state(cfg.shape),
-                checkpoint.RUN_STATE_KEY: {
-                    **asdict(self), "config": cfg.run.to_dict(),
-                    "layout": {"tensor": cfg.tensor, "pipeline": cfg.pipeline, "data": cfg.data}}}
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> "RunState":
-        names = [f for f in cls.__dataclass_fields__ if f in saved]      # older checkpoints lack the newer fields
-        return cls(**{name: saved[name] for name in names})
+from opt_ds.train.supervisor import Supervisor
 
 
 def check_data(cfg: ResolvedConfig) -> None:
@@ -129,17 +98,18 @@ class Trainer:
             self.metrics.log("checkpoint_repaired", 0, actions=repairs)
         self.train_data, self.valid_data = build_datasets(cfg)
         self.recomputed_layers = self._recomputed_layers()
-        self.supervisor = Supervisor(self)
+        self.supervisor = Supervisor(run, self.engine, self.metrics, rank=self.rank, world_size=self.world_size,
+                                     data_parallel=cfg.data_parallel)
         if self.resume_point is not None:
             self._resume(self.resume_point)
-        self.supervisor.start(self.resume_point)
+        self.supervisor.start(self.state, self.resume_point)
 
     # --- data ------------------------------------------------------------------------------------
 
     def batches(self, dataset, start_step: int) -> ReplicaBatches:
         batch = self.cfg.run.batch
         return ReplicaBatches(dataset, global_batch=batch.global_batch_size, micro_batch=batch.micro_batch_size,
-                              data_parallel_size=self.cfg.data,
+                              data_parallel_size=self.cfg.data_parallel,
                               data_parallel_rank=self.engine.grid.data_parallel_id, start_step=start_step)
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -154,20 +124,20 @@ class Trainer:
                              f"position start afresh): {steps} steps to train")
             return
         self.state = RunState.from_saved(point.run_state)
-        self.engine.module.micro_offset = self.state.micro_offset
+        set_forward_passes(self.engine, self.state.micro_offset)
         self.metrics.log("resume", self.state.step, checkpoint=str(point.folder), kind=point.kind, tag=point.tag)
         remaining = max(0, steps - self.state.step)
         self.metrics.say(f"resumed from {point.folder} ({point.kind} checkpoint: weights, optimizer, LR schedule, "
                          f"data position) at step {self.state.step} of {steps}: {remaining} steps remain")
 
     def save(self) -> None:
-        self.state.micro_offset = self.engine.module.micro_offset
-        health = self.supervisor.before_save()
-        path = checkpoint.save(self.engine, self.cfg.run.train.save_dir, self.state.step,
-                               self.state.client_state(self.cfg), health=health,
-                               in_publish_gap=self.supervisor.in_publish_gap)
-        self.metrics.log("checkpoint", self.state.step, path=str(path), healthy=health["healthy"])
-        self.supervisor.after_save(path)
+        self.state.micro_offset = forward_passes(self.engine)
+        health, self.state = self.supervisor.before_save(self.state)
+        step = self.state.step
+        path = checkpoint.save(self.engine, self.cfg.run.train.save_dir, step, self.state.client_state(self.cfg),
+                               health=health, in_publish_gap=lambda: self.supervisor.in_publish_gap(step))
+        self.metrics.log("checkpoint", step, path=str(path), healthy=health["healthy"])
+        self.supervisor.after_save(path, step)
 
     # --- steps -----------------------------------------------------------------------------------
 
@@ -178,7 +148,7 @@ class Trainer:
         return int(count)
 
     def train_step(self, batches) -> dict:
-        self.supervisor.before_step()
+        self.supervisor.before_step(self.state)
         lr = self.engine.get_lr()[0]
         started = time.perf_counter()
         loss = self.engine.train_batch(batches).item()
@@ -274,13 +244,14 @@ class Trainer:
         while self.state.step < train.steps:
             last = self.train_step(batches)
             interval.append(last)
-            verdict = self.supervisor.after_step(last)      # collective: every rank takes the same decision
+            # collective: every rank takes the same decision
+            verdict = self.supervisor.after_step(self.state.step, last)
             step = self.state.step
             if step % train.log_interval == 0 or step == train.steps or verdict.diverged or verdict.stop:
                 self.metrics.log("train", step, **self.interval_record(interval, started, first_step))
                 interval = []
             if verdict.diverged:
-                self.supervisor.recover(verdict)            # rolls back (or raises TrainingDiverged)
+                self.state = self.supervisor.recover(self.state, verdict)   # or raises TrainingDiverged
                 batches = self.batches(self.train_data, self.state.data_step)
                 continue
             if verdict.stop:
@@ -319,7 +290,7 @@ class Trainer:
         """A stop signal reached some rank: save this step and return (the CLI exits 0)."""
         if self.cfg.run.train.save_dir:
             self.save()
-        self.supervisor.stopped(verdict)
+        self.supervisor.stopped(self.state.step, verdict)
         self.close()
         return last
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from opt_ds.train.collective import all_gather_objects, from_rank0, rank_and_world
-from opt_ds.train.durable import fsync, write_atomically
+from opt_ds.durable import fsync, write_atomically
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 * 2 ** 20

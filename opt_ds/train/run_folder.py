@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from opt_ds.train.durable import write_atomically
+from opt_ds.durable import write_atomically
 
 CONFIG = "config.yaml"
 DEEPSPEED_JSON = "deepspeed.json"

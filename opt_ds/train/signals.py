@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from opt_ds.train.durable import write_atomically
+from opt_ds.durable import write_atomically
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_MARKER = "preempted.json"

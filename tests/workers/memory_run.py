@@ -122,7 +122,7 @@ def main(out: str, spec: str) -> None:
     cfg = case.config(world_size=int(os.environ.get("WORLD_SIZE", "1")), steps=4)
     engine = build_engine(cfg)
     batches = ReplicaBatches(SyntheticTokens(case.shape.vocab_size, case.seq), global_batch=case.global_batch,
-                             micro_batch=case.micro_batch, data_parallel_size=cfg.data,
+                             micro_batch=case.micro_batch, data_parallel_size=cfg.data_parallel,
                              data_parallel_rank=parallel_state.get_data_parallel_rank())
     engine.train_batch(batches)             # first step: DeepSpeed allocates its buffers and Adam state
     peak, saved = {}, SavedActivations(engine.module.parameters())

@@ -12,7 +12,6 @@ from typing import Optional
 from opt_ds.models.protocol import Preset
 
 OPT_VOCAB_SIZE = 50272          # 50,265 tokenizer entries padded to a multiple of 8
-OPT_TOKENIZER_SIZE = 50265
 OPT_MAX_POSITIONS = 2048
 POSITION_OFFSET = 2             # learned positions start at row 2 (metaseq padding_idx=1, plus one)
 PAD_ID, BOS_ID, EOS_ID = 1, 2, 2

@@ -3,10 +3,10 @@
 # Python 3.12 on x86-64, where torch, transformers, matplotlib, nvidia-ml-py, numpy, pyyaml, psutil, ninja,
 # einops, msgpack, py-cpuinfo and tqdm are already installed (typing-extensions and packaging are carried
 # too: pydantic needs typing-extensions >= 4.16, megatron-core packaging >= 24.2). Run it where pip works:
-#   bash opt_ds/bench/prepare_gpu_wheels.sh
+#   bash scripts/prepare_gpu_wheels.sh
 # Versions are the ones opt_ds is tested with (setup.cfg).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 mkdir -p .whl
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
