@@ -69,8 +69,10 @@ class StreamedModel:
     def __init__(self, ckpt: Checkpoint):
         from opt_ds.models.family import family_of
         from opt_ds.parallel.layout import ParallelLayout
+        from opt_ds.parallel.pipe import seed_all
         layout = ParallelLayout(1, 1, 1)
         layout.initialize()
+        seed_all(0)         # the RNG tracker attention's dropout forks (dropout is off: the seed does not matter)
         shape = ckpt.shape.replace(dropout=0.0, attention_dropout=0.0)
         self.specs = family_of(shape).layer_specs(shape, layout.megatron_config(), layout.tensor_group())
         self.ckpt = ckpt
