@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import pickle
 import shutil
@@ -43,6 +44,31 @@ def load_torch(path, weights_only: bool = False) -> object:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConversionError(f"{path}: cannot be read as a torch checkpoint ({reason}); the file is "
                               "truncated or corrupt: copy it again from its source") from None
+
+
+def drop_file_pages(path) -> None:
+    """Let the kernel drop this process's resident pages of the memory-mapped file `path`.
+
+    torch.load(mmap=True) maps a whole checkpoint file, and every page a reader touches stays resident until
+    the map goes; a reader that keeps a multi-layer file open calls this after each layer, so memory stays
+    one layer. The file is mapped read-only in effect (nothing writes to loaded tensors), so a page touched
+    again is read back from the page cache. Only maps of `path` itself are touched; a no-op without /proc.
+    """
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+MADV_DONTNEED = 4
 
 
 def save_torch(obj, path) -> None:

@@ -26,7 +26,7 @@ from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID, OPTShape
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
 from conversion.families import names_for_hf_config, names_of
-from conversion.files import ConversionError, load_torch
+from conversion.files import ConversionError, drop_file_pages, load_torch
 from conversion.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
@@ -106,7 +106,6 @@ class _WeightFiles:
         self.location: Dict[str, Path] = {}
         self.shapes: Dict[str, tuple] = {}
         self._torch_states: Dict[Path, dict] = {}
-        self._safetensors: Dict[Path, object] = {}
         for path in self.files:
             for name, shape in self._list(path).items():
                 self.location[name] = path
@@ -147,14 +146,22 @@ class _WeightFiles:
         self._torch_states[path] = state
         return {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
 
-    def get(self, name: str) -> torch.Tensor:
-        path = self.location[name]
-        if path.suffix == ".safetensors":
-            if path not in self._safetensors:
+    def get(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        """The tensors `names`, each file opened once (and not kept open: a safetensors file's memory map
+        would keep every page read resident until the conversion ends)."""
+        by_file: Dict[Path, List[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        out = {}
+        for path, names_in_file in by_file.items():
+            if path.suffix == ".safetensors":
                 from safetensors import safe_open
-                self._safetensors[path] = safe_open(str(path), "pt")
-            return self._safetensors[path].get_tensor(name)
-        return self._torch_states[path][name]
+                with safe_open(str(path), "pt") as f:
+                    out.update((name, f.get_tensor(name)) for name in names_in_file)
+            else:
+                out.update((name, self._torch_states[path][name]) for name in names_in_file)
+                drop_file_pages(path)
+        return out
 
 
 def canonical_name(name: str, tied_head: bool = True) -> Optional[str]:
@@ -184,21 +191,24 @@ class HFReader:
             self._check_tied_head()
 
     def _check_tied_head(self):
-        head = self.weights.get(LM_HEAD)
-        embedding = self.weights.get(self.names[C.EMBED_TOKENS]) if C.EMBED_TOKENS in self.names else None
+        head = self.weights.get([LM_HEAD])[LM_HEAD]
+        embedding = self._read([C.EMBED_TOKENS])[C.EMBED_TOKENS] if C.EMBED_TOKENS in self.names else None
         if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
             raise ConversionError(f"{self.directory}: lm_head.weight differs from the token embedding; OPT ties them "
                                   "and opt_ds has no separate output layer, so this model cannot convert")
 
-    def _get(self, key: str) -> torch.Tensor:
-        return self.weights.get(self.names[key])
+    def _read(self, keys) -> Dict[str, torch.Tensor]:
+        """Canonical key -> tensor, for the keys this checkpoint holds."""
+        names = {key: self.names[key] for key in keys if key in self.names}
+        tensors = self.weights.get(list(names.values()))
+        return {key: tensors[name] for key, name in names.items()}
 
     def read_globals(self) -> Dict[str, torch.Tensor]:
-        return {k: self._get(k) for k in C.global_shapes(self.shape) if k in self.names}
+        return self._read(C.global_shapes(self.shape))
 
     def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
-        keys = {n: C.layer_key(layer, n, self.shape) for n in C.layer_shapes(self.shape)}
-        return {n: self._get(key) for n, key in keys.items() if key in self.names}
+        keys = {C.layer_key(layer, n, self.shape): n for n in C.layer_shapes(self.shape)}
+        return {keys[key]: tensor for key, tensor in self._read(keys).items()}
 
     def checkpoint(self) -> Checkpoint:
         sources = {key: f"{self.weights.location[name].name}: {name}" for key, name in self.names.items()}

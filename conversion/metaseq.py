@@ -26,7 +26,7 @@ from opt_ds.models.presets import OPTShape
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
-from conversion.files import ConversionError, StreamedTorchFile, load_torch
+from conversion.files import ConversionError, StreamedTorchFile, drop_file_pages, load_torch
 from conversion.progress import progress
 from conversion.sharding import chunk, merge_metaseq_kvq, metaseq_kvq_parts
 
@@ -139,6 +139,13 @@ class _Part:
                                   "consolidated file per part")
         self.shapes = {**{k: tuple(v.shape) for k, v in self.model.items() if torch.is_tensor(v) and k not in flat_keys},
                        **{k: shape for k, (_, _, shape) in self.flat.items()}}
+
+    def release(self) -> None:
+        """Let go of what one layer's reads touched (called after each layer): the unflattened cache, and the
+        memory-mapped pages, which would otherwise stay resident until the conversion ends."""
+        self._cached = (None, {})
+        for path in self.files:
+            drop_file_pages(path)
 
     def _metadata(self, shard: int) -> list:
         return self.states[shard]["shard_metadata"]["param_metadata"]
@@ -260,7 +267,12 @@ class MetaseqReader:
             if head.shape != out[C.EMBED_TOKENS].shape or not torch.equal(head, out[C.EMBED_TOKENS]):
                 raise ConversionError(f"{self.where}: {TIED_HEAD} differs from decoder.embed_tokens.weight; OPT ties "
                                       "them and an untied output layer cannot convert")
+        self._release()
         return out
+
+    def _release(self) -> None:
+        for part in self.parts:
+            part.release()
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         prefix = f"decoder.layers.{layer}."
@@ -273,6 +285,7 @@ class MetaseqReader:
                 out.update({f"self_attn.q_proj.{kind}": q, f"self_attn.k_proj.{kind}": k, f"self_attn.v_proj.{kind}": v})
             else:
                 out[name] = self._merged(prefix + name, split_dim(name), meta)
+        self._release()
         return out
 
     def unexpected_keys(self) -> List[str]:

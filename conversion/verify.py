@@ -77,6 +77,7 @@ class StreamedModel:
         self.specs = family_of(shape).layer_specs(shape, layout.megatron_config(), layout.tensor_group())
         self.ckpt = ckpt
         self.dtypes = {}
+        self._modules = {}
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         from deepspeed.pipe import TiedLayerSpec
@@ -92,13 +93,22 @@ class StreamedModel:
                 self.dtypes.update({(index, name): t.dtype for name, t in state.items()})
                 if isinstance(spec, TiedLayerSpec):
                     tied[spec.key] = state
-            with torch.device("meta"):
-                module = spec.build()
+            module = self._module(spec)
             module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
             forward_fn = getattr(spec, "forward_fn", None)
-            x = forward_fn(module.eval(), x) if forward_fn is not None else module.eval()(x)
-            del module, state
+            x = forward_fn(module, x) if forward_fn is not None else module(x)
+            module.to("meta")                       # drop the weights
+            del state
         return x
+
+    def _module(self, spec) -> torch.nn.Module:
+        """The layer `spec` builds, on the meta device: built once per kind (every decoder layer has the same
+        structure; only the weights loaded into it differ)."""
+        key = (spec.typename, *map(id, spec.module_args), *((k, id(v)) for k, v in sorted(spec.module_kwargs.items())))
+        if key not in self._modules:
+            with torch.device("meta"):
+                self._modules[key] = spec.build().eval()
+        return self._modules[key]
 
 
 def streamed_hf_model(model_class, config, ckpt: Checkpoint, on_cpu=()) -> Callable[[torch.Tensor], torch.Tensor]:
