@@ -89,12 +89,14 @@ def _child(src: str, dst: str, options: str) -> None:
                       "base_bytes": base}))
 
 
-def _model_bytes(shape) -> int:
-    return sum(torch.Size(s).numel() for s in C.expected_shapes(shape).values()) * 4
+def sizes(shape) -> dict:
+    """fp32 bytes of the whole model, of one decoder layer, and of the tensors outside the layers."""
+    count = lambda shapes: sum(torch.Size(s).numel() for s in shapes.values()) * 4  # noqa: E731
+    return {"checkpoint_bytes": count(C.expected_shapes(shape)), "layer_bytes": count(C.layer_shapes(shape)),
+            "global_bytes": count(C.global_shapes(shape))}
 
 
 def run_models(models: List[str], work: Path) -> List[dict]:
-    from conversion.memory import estimated_peak_bytes
     from opt_ds.models.presets import PRESETS
     rows = []
     for name in models:
@@ -102,9 +104,7 @@ def run_models(models: List[str], work: Path) -> List[dict]:
         src = write_source(shape, work / name / "src")
         for target, options in TARGETS:
             result = measure(src, work / name / target, options)
-            rows.append({"model": name, "target": target, "options": options, **result,
-                         "checkpoint_bytes": _model_bytes(shape),
-                         "estimate_bytes": estimated_peak_bytes(shape)})
+            rows.append({"model": name, "target": target, "options": options, **result, **sizes(shape)})
             print(json.dumps(rows[-1]), flush=True)
             subprocess.run(["rm", "-rf", str(work / name / target)], check=True)
         subprocess.run(["rm", "-rf", str(work / name)], check=True)
@@ -121,13 +121,13 @@ def report(rows: List[dict], command: str) -> str:
              f"jobs; Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}.",
              "", "Source: a random fp32 model of the preset's shape, as an opt_ds checkpoint at TP=2; verification on "
              "(the default). Peak = peak RSS of the converting process minus its RSS after the imports.", "",
-             "| model | target | fp32 checkpoint GiB | wall s | peak GiB | peak / checkpoint | estimate GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | target | checkpoint GiB | one layer GiB | non-layer GiB | wall s | peak GiB | peak / checkpoint |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         opts = " ".join(f"--{k} {v}" for k, v in r["options"].items() if k != "to")
-        lines.append(f"| {r['model']} | {r['target']} {opts} | {gib(r['checkpoint_bytes'])} | {r['wall_s']} | "
-                     f"{gib(r['peak_bytes'])} | {r['peak_bytes'] / r['checkpoint_bytes']:.2f} | "
-                     f"{gib(r['estimate_bytes'])} |")
+        lines.append(f"| {r['model']} | {r['target']} {opts} | {gib(r['checkpoint_bytes'])} | {gib(r['layer_bytes'])} | "
+                     f"{gib(r['global_bytes'])} | {r['wall_s']} | {gib(r['peak_bytes'])} | "
+                     f"{r['peak_bytes'] / r['checkpoint_bytes']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
