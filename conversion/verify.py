@@ -3,8 +3,9 @@
 Both sides run through opt_ds's own model (the pipeline layers at TP=1 in this one process), in fp32 on
 the CPU, streamed from what is on disk one layer at a time (build the layer on the meta device, load its
 weights, apply it to the activations, drop it), so a proof needs memory for one layer plus the activations
-whatever the model's size; each forward pass (the prompt, then one per greedy token) reads the checkpoint again. When `transformers` is installed, the target also runs
-through Hugging Face's `OPTForCausalLM` / `LlamaForCausalLM`, the independent reference implementation, which catches an error
+whatever the model's size; each forward pass (the prompt, then one per greedy token) reads the checkpoint
+again. When `transformers` is installed, the target also runs through Hugging Face's `OPTForCausalLM` /
+`LlamaForCausalLM` (streamed the same way), the independent reference implementation, which catches an error
 the two opt_ds runs would share (e.g. a QKV order that is wrong in the same way on both sides).
 
 Tolerances (max |logit difference|, relative to the largest |logit| of the source, floor 1):
