@@ -96,13 +96,16 @@ def sizes(shape) -> dict:
             "global_bytes": count(C.global_shapes(shape))}
 
 
-def run_models(models: List[str], work: Path) -> List[dict]:
+def run_models(models: List[str], work: Path, targets=None, verify: bool = True) -> List[dict]:
     from opt_ds.models.presets import PRESETS
     rows = []
     for name in models:
         shape = PRESETS[name].shape
         src = write_source(shape, work / name / "src")
         for target, options in TARGETS:
+            if targets and target not in targets:
+                continue
+            options = {**options, "verify": verify}
             result = measure(src, work / name / target, options)
             rows.append({"model": name, "target": target, "options": options, **result, **sizes(shape)})
             print(json.dumps(rows[-1]), flush=True)
@@ -120,11 +123,13 @@ def report(rows: List[dict], command: str) -> str:
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM, shared with other "
              f"jobs; Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}.",
              "", "Source: a random fp32 model of the preset's shape, as an opt_ds checkpoint at TP=2; verification on "
-             "(the default). Peak = peak RSS of the converting process minus its RSS after the imports.", "",
+             "unless the row says --no-verify. Peak = peak RSS of the converting process minus its RSS after the "
+             "imports.", "",
              "| model | target | checkpoint GiB | one layer GiB | non-layer GiB | wall s | peak GiB | peak / checkpoint |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        opts = " ".join(f"--{k} {v}" for k, v in r["options"].items() if k != "to")
+        opts = " ".join(f"--{k} {v}" for k, v in r["options"].items() if k not in ("to", "verify"))
+        opts += "" if r["options"].get("verify", True) else " --no-verify"
         lines.append(f"| {r['model']} | {r['target']} {opts} | {gib(r['checkpoint_bytes'])} | {gib(r['layer_bytes'])} | "
                      f"{gib(r['global_bytes'])} | {r['wall_s']} | {gib(r['peak_bytes'])} | "
                      f"{r['peak_bytes'] / r['checkpoint_bytes']:.2f} |")
@@ -138,12 +143,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m conversion.bench_memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["opt-350m", "opt-1.3b"])
+    parser.add_argument("--targets", nargs="+", choices=[t for t, _ in TARGETS], help="default: all")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help="convert without verification")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     command = "python -m conversion.bench_memory " + " ".join(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
-        rows = run_models(args.models, Path(work))
+        rows = run_models(args.models, Path(work), args.targets, args.verify)
     text = report(rows, command)
     print(text)
     if args.out:
