@@ -22,7 +22,7 @@ from opt_ds.models.llama.shape import LlamaShape
 
 from conversion import llama as L
 from conversion.canonical import Checkpoint
-from conversion.files import ConversionError, StreamedTorchFile, load_torch
+from conversion.files import ConversionError, StreamedTorchFile, drop_file_pages, load_torch
 from conversion.sharding import check_same, chunk
 
 PARAMS = "params.json"
@@ -139,7 +139,14 @@ class MetaReader:
             raise ConversionError(f"{where}: {err}") from None
 
     def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
-        return {canonical: self._merged(key, dim) for key, (canonical, dim) in GLOBAL_NAMES.items()}
+        out = {canonical: self._merged(key, dim) for key, (canonical, dim) in GLOBAL_NAMES.items()}
+        self._release()
+        return out
+
+    def _release(self) -> None:
+        """Let the kernel drop the memory-mapped pages this read touched (they would stay resident otherwise)."""
+        for path in self.files:
+            drop_file_pages(path)
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         out = {}
@@ -150,6 +157,7 @@ class MetaReader:
             elif name == "attention.wk.weight":
                 tensor = interleaved_to_rotate_half(tensor, self.shape.kv_heads)
             out[canonical] = tensor
+        self._release()
         return out
 
     def checkpoint(self) -> Checkpoint:
