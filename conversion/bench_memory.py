@@ -128,8 +128,8 @@ def report(rows: List[dict], command: str) -> str:
              "| model | target | checkpoint GiB | one layer GiB | non-layer GiB | wall s | peak GiB | peak / checkpoint |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        opts = " ".join(f"--{k} {v}" for k, v in r["options"].items() if k not in ("to", "verify"))
-        opts += "" if r["options"].get("verify", True) else " --no-verify"
+        opts = [f"--{k} {v}" for k, v in r["options"].items() if k not in ("to", "verify")]
+        opts = " ".join(opts + ([] if r["options"].get("verify", True) else ["--no-verify"]))
         lines.append(f"| {r['model']} | {r['target']} {opts} | {gib(r['checkpoint_bytes'])} | {gib(r['layer_bytes'])} | "
                      f"{gib(r['global_bytes'])} | {r['wall_s']} | {gib(r['peak_bytes'])} | "
                      f"{r['peak_bytes'] / r['checkpoint_bytes']:.2f} |")
