@@ -42,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", type=int, default=5, help="HF target: GiB per safetensors file")
     parser.add_argument("--tokenizer", help="HF target: the tokenizer to export ('opt' or a folder with vocab.json + "
                                             "merges.txt); default: the one the source records")
+    parser.add_argument("--max-memory", metavar="SIZE", help="refuse to start when the estimated peak memory "
+                        "exceeds SIZE (e.g. 64G; K, M, G, T are powers of 1024); see docs/conversion.md")
     parser.add_argument("--dry-run", action="store_true", help="print the key mapping and write nothing")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the logit comparison after writing (it loads both models in fp32)")
+                        help="skip the logit comparison after writing (it streams both models, a layer at a time)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty destination")
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                       src_tag=args.src_tag, num_heads=args.num_heads, dtype=args.dtype,
                       metaseq_layout=args.metaseq_layout, max_shard_bytes=args.max_shard_size * 2 ** 30,
                       force=args.force, verify=args.verify, dry_run=args.dry_run,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, max_memory=args.max_memory)
     previous = signal.signal(signal.SIGTERM, _stop)
     with warnings.catch_warnings():             # keeps opt_ds.quiet's filters of third-party start-up noise
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)

@@ -11,6 +11,7 @@ from conversion import hf, hf_tokenizer, meta, metaseq, opt_ds_format, universal
 from conversion.canonical import Checkpoint, describe_shape, expected_shapes
 from conversion.files import ConversionError, check_writable_destination, staged_directory
 from conversion.formats import DTYPE_NAMES, FORMATS
+from conversion.memory import check_max_memory, parse_size
 from conversion.verify import verify
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
@@ -82,6 +83,7 @@ class Options:
     reference: bool = True                      # also check against transformers when installed
     dry_run: bool = False
     tokenizer: Optional[str] = None             # HF target: 'opt' or a vocab.json + merges.txt folder
+    max_memory: Optional[str] = None            # refuse to start when the estimated peak exceeds it ('64G')
 
 
 def check_options(fmt: str, o: Options) -> None:
@@ -91,6 +93,8 @@ def check_options(fmt: str, o: Options) -> None:
         raise ConversionError(f"--tp and --pp must be >= 1 (got {o.tp}, {o.pp})")
     if o.num_heads is not None and o.num_heads < 1:
         raise ConversionError(f"--num-heads {o.num_heads} must be >= 1: the attention heads per layer of the source")
+    if o.max_memory is not None:
+        parse_size(o.max_memory)
     if o.max_shard_bytes < 1:
         raise ConversionError("--max-shard-size must be >= 1 (GiB per safetensors file), e.g. 5")
     if o.dtype is not None and o.dtype not in DTYPES:
@@ -180,6 +184,8 @@ def convert(src, dst, o: Options, out: Callable[[str], None] = print) -> int:
         check_writable_destination(dst, o.force)
     source = open_checkpoint(src, fmt, tag=o.src_tag, num_heads=o.num_heads)
     check_target_layout(source, o)
+    if o.max_memory is not None:
+        check_max_memory(source.shape, o.max_memory)
     out(f"source: {source.origin}\nmodel:  {describe_shape(source.shape)}")
     tokenizer = export_tokenizer(source, src, fmt, o, out)
     if o.dry_run:

@@ -7,11 +7,15 @@ Reading accepts what circulates (HF #43159, TGI #2197, PiPPy PR #779): keys with
 (OPTForCausalLM) or without it (OPTModel, as HF's own metaseq converter saves), and `lm_head.weight`
 present or absent; a present head must equal the embedding, since OPT ties them. Writing produces what
 `OPTForCausalLM.save_pretrained` does: `model.decoder.*` keys, no `lm_head`, `tie_word_embeddings: true`.
-Safetensors files are read tensor by tensor and written in shards of at most `max_shard_bytes`.
+Safetensors files are read tensor by tensor and written in shards of at most `max_shard_bytes`, tensor by
+tensor (each file's header is planned first), so neither side holds more than one layer.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import struct
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,7 +26,7 @@ from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID, OPTShape
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
 from conversion.families import names_for_hf_config, names_of
-from conversion.files import ConversionError, load_torch
+from conversion.files import ConversionError, drop_file_pages, load_torch
 from conversion.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
@@ -102,7 +106,6 @@ class _WeightFiles:
         self.location: Dict[str, Path] = {}
         self.shapes: Dict[str, tuple] = {}
         self._torch_states: Dict[Path, dict] = {}
-        self._safetensors: Dict[Path, object] = {}
         for path in self.files:
             for name, shape in self._list(path).items():
                 self.location[name] = path
@@ -143,14 +146,22 @@ class _WeightFiles:
         self._torch_states[path] = state
         return {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
 
-    def get(self, name: str) -> torch.Tensor:
-        path = self.location[name]
-        if path.suffix == ".safetensors":
-            if path not in self._safetensors:
+    def get(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        """The tensors `names`, each file opened once (and not kept open: a safetensors file's memory map
+        would keep every page read resident until the conversion ends)."""
+        by_file: Dict[Path, List[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        out = {}
+        for path, names_in_file in by_file.items():
+            if path.suffix == ".safetensors":
                 from safetensors import safe_open
-                self._safetensors[path] = safe_open(str(path), "pt")
-            return self._safetensors[path].get_tensor(name)
-        return self._torch_states[path][name]
+                with safe_open(str(path), "pt") as f:
+                    out.update((name, f.get_tensor(name)) for name in names_in_file)
+            else:
+                out.update((name, self._torch_states[path][name]) for name in names_in_file)
+                drop_file_pages(path)
+        return out
 
 
 def canonical_name(name: str, tied_head: bool = True) -> Optional[str]:
@@ -180,21 +191,24 @@ class HFReader:
             self._check_tied_head()
 
     def _check_tied_head(self):
-        head = self.weights.get(LM_HEAD)
-        embedding = self.weights.get(self.names[C.EMBED_TOKENS]) if C.EMBED_TOKENS in self.names else None
+        head = self.weights.get([LM_HEAD])[LM_HEAD]
+        embedding = self._read([C.EMBED_TOKENS])[C.EMBED_TOKENS] if C.EMBED_TOKENS in self.names else None
         if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
             raise ConversionError(f"{self.directory}: lm_head.weight differs from the token embedding; OPT ties them "
                                   "and opt_ds has no separate output layer, so this model cannot convert")
 
-    def _get(self, key: str) -> torch.Tensor:
-        return self.weights.get(self.names[key])
+    def _read(self, keys) -> Dict[str, torch.Tensor]:
+        """Canonical key -> tensor, for the keys this checkpoint holds."""
+        names = {key: self.names[key] for key in keys if key in self.names}
+        tensors = self.weights.get(list(names.values()))
+        return {key: tensors[name] for key, name in names.items()}
 
     def read_globals(self) -> Dict[str, torch.Tensor]:
-        return {k: self._get(k) for k in C.global_shapes(self.shape) if k in self.names}
+        return self._read(C.global_shapes(self.shape))
 
     def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
-        keys = {n: C.layer_key(layer, n, self.shape) for n in C.layer_shapes(self.shape)}
-        return {n: self._get(key) for n, key in keys.items() if key in self.names}
+        keys = {C.layer_key(layer, n, self.shape): n for n in C.layer_shapes(self.shape)}
+        return {keys[key]: tensor for key, tensor in self._read(keys).items()}
 
     def checkpoint(self) -> Checkpoint:
         sources = {key: f"{self.weights.location[name].name}: {name}" for key, name in self.names.items()}
@@ -209,48 +223,94 @@ def read(directory) -> Checkpoint:
 
 # --- writing -------------------------------------------------------------------------------------------
 
-def _tensors_in_order(ckpt: Checkpoint):
-    """(canonical key, tensor) for the whole model, one decoder layer in memory at a time."""
-    globals_ = ckpt.globals()
-    yield from ((k, v) for k, v in globals_.items() if k in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
-    for layer in progress(range(ckpt.shape.num_layers), desc="HF layers"):
-        yield from ((C.layer_key(layer, n, ckpt.shape), t) for n, t in ckpt.layer(layer).items())
-    yield from ((k, v) for k, v in globals_.items() if k not in (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN))
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+HEAD_KEYS = (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN)     # written before the decoder layers
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+
+
+def plan_shards(entries, max_shard_bytes: int) -> List[List[tuple]]:
+    """(key, shape, dtype) in write order -> the entries of each file: a file is closed when the next tensor
+    would take it past `max_shard_bytes` (a tensor larger than that gets a file of its own)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = _nbytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(path: Path, entries: List[tuple], tensors) -> None:
+    """A safetensors file whose header is known before its tensors: written tensor by tensor as `tensors`
+    yields them (each (key, tensor) must match the next entry), so only one tensor is in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, dtype in entries:
+        end = offset + _nbytes(shape, dtype)
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)              # safetensors pads its header to 8 bytes, with spaces
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for key, shape, dtype in entries:
+            found, tensor = next(tensors)
+            if found != key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ConversionError(f"{found} is {tensor.dtype} {tuple(tensor.shape)} where the export planned "
+                                      f"{key} {dtype} {tuple(shape)} from decoder layer 0 (the source stores its "
+                                      "layers in different dtypes); pass --dtype to store every tensor alike")
+            tensor = tensor.contiguous()
+            f.write((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr()) if tensor.nbytes else b"")
 
 
 def write(ckpt: Checkpoint, dst: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    from safetensors.torch import save_file
-    dst = Path(dst)
-    written: List[List[str]] = []       # keys of each shard file, in order
-    shard: Dict[str, torch.Tensor] = {}
+    """Safetensors files of at most `max_shard_bytes`, written as the source's layers stream through: the
+    files are planned from the shapes and from the dtypes of the non-layer tensors and decoder layer 0, so
+    each file's header is written first and only one layer is in memory, whatever the file size."""
+    dst, shape = Path(dst), ckpt.shape
+    globals_ = ckpt.globals()
+    first_layer = ckpt.layer(0) if shape.num_layers else {}
+    head = [k for k in HEAD_KEYS if k in globals_]
+    tail = [k for k in globals_ if k not in head]
+    entries = [(k, tuple(globals_[k].shape), globals_[k].dtype) for k in head]
+    entries += [(C.layer_key(layer, n, shape), tuple(t.shape), t.dtype) for layer in range(shape.num_layers)
+                for n, t in first_layer.items()]
+    entries += [(k, tuple(globals_[k].shape), globals_[k].dtype) for k in tail]
     bytes_by_dtype: Dict[torch.dtype, int] = {}
+    for _, size, dtype in entries:
+        bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + _nbytes(size, dtype)
 
-    def flush():
-        save_file(shard, str(dst / f"shard-{len(written)}.tmp"), metadata={"format": "pt"})
-        written.append(list(shard))
-        shard.clear()
+    def tensors():
+        nonlocal first_layer
+        for k in head:
+            yield k, globals_.pop(k)
+        for layer in progress(range(shape.num_layers), desc="HF layers"):
+            state = first_layer if layer == 0 else ckpt.layer(layer)
+            first_layer = None
+            while state:
+                name = next(iter(state))
+                yield C.layer_key(layer, name, shape), state.pop(name)
+        for k in tail:
+            yield k, globals_.pop(k)
 
-    for key, tensor in _tensors_in_order(ckpt):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and sum(t.numel() * t.element_size() for t in shard.values()) + nbytes > max_shard_bytes:
-            flush()
-        shard[key] = tensor.contiguous()
-        bytes_by_dtype[tensor.dtype] = bytes_by_dtype.get(tensor.dtype, 0) + nbytes
-    flush()
-
-    if len(written) == 1:
-        (dst / "shard-0.tmp").rename(dst / "model.safetensors")
-    else:
-        weight_map = {}
-        for i, keys in enumerate(written):
-            name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            (dst / f"shard-{i}.tmp").rename(dst / name)
-            weight_map.update({k: name for k in keys})
+    shards = plan_shards(entries, max_shard_bytes)
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    stream = tensors()
+    for name, shard in zip(names, shards):
+        write_safetensors(dst / name, shard, stream)
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
         index = {"metadata": {"total_size": sum(bytes_by_dtype.values())}, "weight_map": weight_map}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     main_dtype = max(bytes_by_dtype, key=bytes_by_dtype.get)
-    (dst / "config.json").write_text(json.dumps(config_from_shape(ckpt.shape, main_dtype), indent=2) + "\n")
-    generation = names_of(ckpt.shape).hf_special_ids
+    (dst / "config.json").write_text(json.dumps(config_from_shape(shape, main_dtype), indent=2) + "\n")
+    generation = names_of(shape).hf_special_ids
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 

@@ -99,15 +99,15 @@ def config_from_shape(shape: LlamaShape, dtype: torch.dtype) -> dict:
 
 
 def hf_reference(ckpt):
-    """transformers' LlamaForCausalLM holding `ckpt` (fp32), as forward(ids) -> logits; None without it."""
+    """transformers' LlamaForCausalLM holding `ckpt` (fp32, streamed layer by layer), as forward(ids) -> logits;
+    None without it."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
+    from conversion.verify import streamed_hf_model
     config = LlamaConfig.from_dict({**config_from_shape(ckpt.shape, torch.float32), "attention_dropout": 0.0})
-    model = LlamaForCausalLM(config).eval()
-    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict().items()}, strict=True)
-    return lambda ids: model(input_ids=ids).logits
+    return streamed_hf_model(LlamaForCausalLM, config, ckpt, on_cpu=("model.rotary_emb",))
 
 
 # --- canonical <-> opt_ds layer states --------------------------------------------------------------------

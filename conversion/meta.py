@@ -22,7 +22,7 @@ from opt_ds.models.llama.shape import LlamaShape
 
 from conversion import llama as L
 from conversion.canonical import Checkpoint
-from conversion.files import ConversionError, load_torch, save_torch
+from conversion.files import ConversionError, StreamedTorchFile, drop_file_pages, load_torch
 from conversion.sharding import check_same, chunk
 
 PARAMS = "params.json"
@@ -139,7 +139,14 @@ class MetaReader:
             raise ConversionError(f"{where}: {err}") from None
 
     def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
-        return {canonical: self._merged(key, dim) for key, (canonical, dim) in GLOBAL_NAMES.items()}
+        out = {canonical: self._merged(key, dim) for key, (canonical, dim) in GLOBAL_NAMES.items()}
+        self._release()
+        return out
+
+    def _release(self) -> None:
+        """Let the kernel drop the memory-mapped pages this read touched (they would stay resident otherwise)."""
+        for path in self.files:
+            drop_file_pages(path)
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         out = {}
@@ -150,6 +157,7 @@ class MetaReader:
             elif name == "attention.wk.weight":
                 tensor = interleaved_to_rotate_half(tensor, self.shape.kv_heads)
             out[canonical] = tensor
+        self._release()
         return out
 
     def checkpoint(self) -> Checkpoint:
@@ -210,30 +218,32 @@ def params_for(shape: LlamaShape) -> dict:
 
 
 def write(ckpt: Checkpoint, dst: Path, *, parts: int = 1) -> None:
+    """Write every consolidated.NN.pth at once as the source's layers stream through, one layer in memory."""
     shape = ckpt.shape
     check_parts(shape, parts)
-    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(parts)]
+    dst = Path(dst)
+    files = [StreamedTorchFile(dst / f"consolidated.{index:02d}.pth") for index in range(parts)]
+    shards: List[Dict[str, object]] = [{} for _ in range(parts)]
 
     def put(key, tensor, dim):
         pieces = chunk(tensor, parts, dim) if dim is not None else [tensor] * parts
-        for shard, piece in zip(shards, pieces):
-            shard[key] = piece.contiguous()
+        for file, shard, piece in zip(files, shards, pieces):
+            shard[key] = file.put(piece)
 
     globals_ = ckpt.globals()
     for key, (canonical, dim) in GLOBAL_NAMES.items():
-        put(key, globals_[canonical], dim)
+        put(key, globals_.pop(canonical), dim)
     for layer in range(shape.num_layers):
         state = ckpt.layer(layer)
         for name, (canonical, dim) in LAYER_NAMES.items():
-            tensor = state[canonical]
+            tensor = state.pop(canonical)
             if name == "attention.wq.weight":
                 tensor = rotate_half_to_interleaved(tensor, shape.num_heads)
             elif name == "attention.wk.weight":
                 tensor = rotate_half_to_interleaved(tensor, shape.kv_heads)
             put(f"layers.{layer}.{name}", tensor, dim)
-    dst = Path(dst)
-    for index, shard in enumerate(shards):
-        save_torch(shard, dst / f"consolidated.{index:02d}.pth")
+    for file, shard in zip(files, shards):
+        file.close(shard)
     (dst / PARAMS).write_text(json.dumps(params_for(shape), indent=2) + "\n")
 
 

@@ -18,7 +18,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from opt_ds.models.presets import OPTShape
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
-from conversion.files import ConversionError, load_torch, save_torch
+from conversion.files import ConversionError, StreamedTorchFile, drop_file_pages, load_torch
 from conversion.progress import progress
 from conversion.sharding import chunk, merge_metaseq_kvq, metaseq_kvq_parts
 
@@ -139,6 +139,13 @@ class _Part:
                                   "consolidated file per part")
         self.shapes = {**{k: tuple(v.shape) for k, v in self.model.items() if torch.is_tensor(v) and k not in flat_keys},
                        **{k: shape for k, (_, _, shape) in self.flat.items()}}
+
+    def release(self) -> None:
+        """Let go of what one layer's reads touched (called after each layer): the unflattened cache, and the
+        memory-mapped pages, which would otherwise stay resident until the conversion ends."""
+        self._cached = (None, {})
+        for path in self.files:
+            drop_file_pages(path)
 
     def _metadata(self, shard: int) -> list:
         return self.states[shard]["shard_metadata"]["param_metadata"]
@@ -260,7 +267,12 @@ class MetaseqReader:
             if head.shape != out[C.EMBED_TOKENS].shape or not torch.equal(head, out[C.EMBED_TOKENS]):
                 raise ConversionError(f"{self.where}: {TIED_HEAD} differs from decoder.embed_tokens.weight; OPT ties "
                                       "them and an untied output layer cannot convert")
+        self._release()
         return out
+
+    def _release(self) -> None:
+        for part in self.parts:
+            part.release()
 
     def read_layer(self, layer: int, meta: bool = False) -> Dict[str, torch.Tensor]:
         prefix = f"decoder.layers.{layer}."
@@ -273,6 +285,7 @@ class MetaseqReader:
                 out.update({f"self_attn.q_proj.{kind}": q, f"self_attn.k_proj.{kind}": k, f"self_attn.v_proj.{kind}": v})
             else:
                 out[name] = self._merged(prefix + name, split_dim(name), meta)
+        self._release()
         return out
 
     def unexpected_keys(self) -> List[str]:
@@ -371,35 +384,47 @@ def checkpoint_dict(model: Dict[str, torch.Tensor], shape: OPTShape, parts: int)
     }
 
 
-def part_state(ckpt: Checkpoint, globals_: Dict[str, torch.Tensor], part: int, parts: int,
-               fused: bool) -> "OrderedDict[str, torch.Tensor]":
-    """One MP part's state dict, in metaseq's module order."""
-    shape = ckpt.shape
-    take = lambda name, t: chunk(t, parts, split_dim(name))[part] if split_dim(name) is not None else t  # noqa: E731
-    embedding = globals_[C.EMBED_TOKENS]
-    model = OrderedDict([(VERSION, torch.tensor([3.0], dtype=embedding.dtype))])
-    model["decoder.embed_tokens.weight"] = take("embed_tokens", embedding)
+def part_pieces(ckpt: Checkpoint, parts: int, fused: bool) -> Iterator[List[Dict[str, torch.Tensor]]]:
+    """Each MP part's tensors in metaseq's module order, one group at a time (the embedding and positions,
+    then each decoder layer, then the final norm / project_out): each source layer is read once, whatever
+    the number of parts, and only one group is in memory."""
+    take = lambda name, t: chunk(t, parts, split_dim(name)) if split_dim(name) is not None else [t] * parts  # noqa: E731
+    globals_ = ckpt.globals()
+    embedding = globals_.pop(C.EMBED_TOKENS)
+    head = [{VERSION: torch.tensor([3.0], dtype=embedding.dtype)} for _ in range(parts)]
+    for piece, part in zip(take("embed_tokens", embedding), head):
+        part["decoder.embed_tokens.weight"] = piece
+    del embedding
     for key in (C.PROJECT_IN, C.EMBED_POSITIONS):
         if key in globals_:
-            model[CANONICAL_TO_METASEQ[key]] = globals_[key]
-    for layer in range(shape.num_layers):
+            tensor = globals_.pop(key)
+            for part in head:
+                part[CANONICAL_TO_METASEQ[key]] = tensor
+    yield head
+    del head
+    for layer in progress(range(ckpt.shape.num_layers), desc="metaseq layers"):
         tensors = ckpt.layer(layer)
         prefix = f"decoder.layers.{layer}."
+        pieces: List[Dict[str, torch.Tensor]] = [{} for _ in range(parts)]
         for kind in ("weight", "bias"):
             qkv = [tensors[f"self_attn.{p}.{kind}"] for p in C.ATTENTION_INPUTS]
             if fused:
-                model[prefix + f"self_attn.qkv_proj.{kind}"] = metaseq_kvq_parts(*qkv, parts)[part]
+                for part, fused_qkv in zip(pieces, metaseq_kvq_parts(*qkv, parts)):
+                    part[prefix + f"self_attn.qkv_proj.{kind}"] = fused_qkv
             else:
                 for p, t in zip(C.ATTENTION_INPUTS, qkv):
-                    model[prefix + f"self_attn.{p}.{kind}"] = take(p, t)
+                    for part, piece in zip(pieces, take(p, t)):
+                        part[prefix + f"self_attn.{p}.{kind}"] = piece
         for name in ("self_attn.out_proj.weight", "self_attn.out_proj.bias", "self_attn_layer_norm.weight",
                      "self_attn_layer_norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
                      "final_layer_norm.weight", "final_layer_norm.bias"):
-            model[prefix + name] = take(name, tensors[name])
-    for key in (C.FINAL_NORM_WEIGHT, C.FINAL_NORM_BIAS, C.PROJECT_OUT):
-        if key in globals_:
-            model[CANONICAL_TO_METASEQ[key]] = globals_[key]
-    return model
+            for part, piece in zip(pieces, take(name, tensors[name])):
+                part[prefix + name] = piece
+        del tensors
+        yield pieces
+        del pieces
+    yield [{CANONICAL_TO_METASEQ[key]: globals_[key] for key in (C.FINAL_NORM_WEIGHT, C.FINAL_NORM_BIAS, C.PROJECT_OUT)
+            if key in globals_} for _ in range(parts)]
 
 
 def check_parts(shape: OPTShape, parts: int) -> None:
@@ -413,17 +438,21 @@ def check_parts(shape: OPTShape, parts: int) -> None:
 
 
 def write(ckpt: Checkpoint, dst: Path, *, parts: int = 1, layout: str = "parts") -> None:
-    """Write `ckpt` as metaseq MP parts (`reshard-model_part-K.pt`) or a `restored.pt` singleton."""
+    """Write `ckpt` as metaseq MP parts (`reshard-model_part-K.pt`) or a `restored.pt` singleton, every part
+    file at once as the source's layers stream through (each tensor is written as soon as it is cut)."""
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown metaseq layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if layout == "restored" and parts != 1:
         raise ConversionError("restored.pt is a single file (MP=1); drop --tp or use --metaseq-layout parts")
     check_parts(ckpt.shape, parts)
-    globals_ = ckpt.globals()
-    for part in progress(range(parts), desc="metaseq parts"):
-        model = part_state(ckpt, globals_, part, parts, fused=layout == "parts")
-        name = "restored.pt" if layout == "restored" else f"reshard-model_part-{part}.pt"
-        save_torch(checkpoint_dict(model, ckpt.shape, parts), Path(dst) / name)
+    names = ["restored.pt"] if layout == "restored" else [f"reshard-model_part-{part}.pt" for part in range(parts)]
+    files = [StreamedTorchFile(Path(dst) / name) for name in names]
+    models = [OrderedDict() for _ in range(parts)]
+    for group in part_pieces(ckpt, parts, fused=layout == "parts"):
+        for file, model, tensors in zip(files, models, group):
+            model.update((key, file.put(tensor)) for key, tensor in tensors.items())
+    for file, model in zip(files, models):
+        file.close(checkpoint_dict(model, ckpt.shape, parts))
 
 
 def target_locations(shape: OPTShape, parts: int, layout: str) -> Dict[str, str]:

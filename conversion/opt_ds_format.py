@@ -29,7 +29,7 @@ from opt_ds.parallel.pipe import final_layer_index, tensor_parallel_dims
 from conversion import canonical as C
 from conversion.families import names_of
 from conversion.canonical import Checkpoint
-from conversion.files import ConversionError, load_torch, save_torch
+from conversion.files import ConversionError, load_torch, save_torch, tensor_headers
 from conversion.progress import progress
 from conversion.sharding import (check_same, chunk, fuse_qkv_per_head, merge_shards, pad_rows, padded_rows, split_full,
                                  split_qkv_per_head)
@@ -114,7 +114,7 @@ def full_layer_states(ckpt: Checkpoint, vocab_rows: int) -> Iterator[Tuple[int, 
     first_decoder = family_of(shape).first_decoder_layer
     for index in range(max(special) + 1):
         if index in special:
-            yield index, special[index]
+            yield index, special.pop(index)
         else:
             yield index, names.decoder_to_opt_ds(ckpt.layer(index - first_decoder), shape)
 
@@ -354,7 +354,7 @@ class OptDsReader:
             raise ConversionError(f"{self.tag_dir}: the checkpoint does not record the model shape "
                                   "(no `opt_model_shape` in its client state) and the number of attention heads "
                                   "cannot be read from the weights; pass --num-heads N")
-        first = {index: self._ranks(index)[0] for index in (EMBEDDING_INDEX, POSITIONS_INDEX, 2, max(self.layers))}
+        first = {index: self._ranks(index, meta=True)[0] for index in (EMBEDDING_INDEX, POSITIONS_INDEX, 2, max(self.layers))}
         embedding, positions = first[EMBEDDING_INDEX]["word_embeddings.weight"], first[POSITIONS_INDEX]
         decoder, final = first[2], first[max(self.layers)]
         hidden = positions["embed_positions.weight"].shape[1]
@@ -365,14 +365,15 @@ class OptDsReader:
                         word_embed_proj_dim=embedding.shape[1] if embedding.shape[1] != hidden else None,
                         pre_layer_norm="final_layer_norm.weight" in final)
 
-    def _ranks(self, index: int) -> List[dict]:
+    def _ranks(self, index: int, meta: bool = False) -> List[dict]:
+        if meta:        # shapes only: the files' pickles, no tensor data
+            return [tensor_headers(self.layers[index][r]) for r in range(self.tp)]
         if index not in self._loaded:
             self._loaded[index] = [load_torch(self.layers[index][r]) for r in range(self.tp)]
         return self._loaded[index]
 
     def _merged(self, index: int, meta: bool = False) -> Dict[str, torch.Tensor]:
-        ranks = [{k: (v.to("meta") if meta else v) for k, v in state.items() if torch.is_tensor(v)}
-                 for state in self._ranks(index)]
+        ranks = [{k: v for k, v in state.items() if torch.is_tensor(v)} for state in self._ranks(index, meta)]
         return merge_state(ranks, f"{self.tag_dir.name}/layer_{index:02d}",
                            layer_splits(self.shape.replace(vocab_size=self.padded_vocab)), compare=not meta)
 

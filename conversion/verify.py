@@ -1,8 +1,11 @@
 """Prove a conversion by running both checkpoints: logits on a fixed prompt and a greedy continuation.
 
-Both sides run through opt_ds's own model (the pipeline module at TP=1, PP=1 in this one process), in
-fp32 on the CPU, loaded from what is on disk. When `transformers` is installed, the target also runs
-through Hugging Face's `OPTForCausalLM` / `LlamaForCausalLM`, the independent reference implementation, which catches an error
+Both sides run through opt_ds's own model (the pipeline layers at TP=1 in this one process), in fp32 on
+the CPU, streamed from what is on disk one layer at a time (build the layer on the meta device, load its
+weights, apply it to the activations, drop it), so a proof needs memory for one layer plus the activations
+whatever the model's size; each forward pass (the prompt, then one per greedy token) reads the checkpoint
+again. When `transformers` is installed, the target also runs through Hugging Face's `OPTForCausalLM` /
+`LlamaForCausalLM` (streamed the same way), the independent reference implementation, which catches an error
 the two opt_ds runs would share (e.g. a QKV order that is wrong in the same way on both sides).
 
 Tolerances (max |logit difference|, relative to the largest |logit| of the source, floor 1):
@@ -58,28 +61,86 @@ def run(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_
     return Run(logits, tokens)
 
 
-class OptDsModel:
-    """opt_ds's pipeline module (TP=1, PP=1) in this process, fp32, eval mode."""
+class StreamedModel:
+    """opt_ds's model of `ckpt` (TP=1, fp32, eval), run one pipeline layer at a time: each call streams the
+    checkpoint from disk, and each layer is built on the meta device, given its weights (cast to fp32),
+    applied to the activations and dropped. Memory: the non-layer tensors plus one layer plus activations.
+    `dtypes` records the dtype each tensor had on disk."""
 
-    def __init__(self, shape):
+    def __init__(self, ckpt: Checkpoint):
+        from opt_ds.models.family import family_of
         from opt_ds.parallel.layout import ParallelLayout
-        from opt_ds.parallel.pipe import build_pipeline
+        from opt_ds.parallel.pipe import seed_all
         layout = ParallelLayout(1, 1, 1)
         layout.initialize()
-        self.shape = shape
-        self.module = build_pipeline(shape.replace(dropout=0.0, attention_dropout=0.0), layout).eval()
-
-    def load(self, ckpt: Checkpoint) -> "OptDsModel":
-        """Copy the weights in (cast to fp32); `self.dtypes` records the dtype each tensor had on disk."""
-        from conversion.opt_ds_format import full_layer_states
+        seed_all(0)         # the RNG tracker attention's dropout forks (dropout is off: the seed does not matter)
+        shape = ckpt.shape.replace(dropout=0.0, attention_dropout=0.0)
+        self.specs = family_of(shape).layer_specs(shape, layout.megatron_config(), layout.tensor_group())
+        self.ckpt = ckpt
         self.dtypes = {}
-        for index, state in full_layer_states(ckpt, ckpt.shape.vocab_size):
-            self.dtypes.update({(index, name): t.dtype for name, t in state.items()})
-            self.module.forward_funcs[index].load_state_dict(state, strict=True)
-        return self
+        self._modules = {}
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.module(ids)
+        from deepspeed.pipe import TiedLayerSpec
+        from conversion.opt_ds_format import full_layer_states
+        states = full_layer_states(self.ckpt, self.ckpt.shape.vocab_size)
+        tied, x = {}, ids
+        for index, spec in enumerate(self.specs):
+            if isinstance(spec, TiedLayerSpec) and spec.key in tied:
+                state = tied.pop(spec.key)          # the tied head: the embedding's weights again
+            else:
+                found, state = next(states)
+                assert found == index, (found, index)
+                self.dtypes.update({(index, name): t.dtype for name, t in state.items()})
+                if isinstance(spec, TiedLayerSpec):
+                    tied[spec.key] = state
+            module = self._module(spec)
+            module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+            forward_fn = getattr(spec, "forward_fn", None)
+            x = forward_fn(module, x) if forward_fn is not None else module(x)
+            module.to("meta")                       # drop the weights
+            del state
+        return x
+
+    def _module(self, spec) -> torch.nn.Module:
+        """The layer `spec` builds, on the meta device: built once per kind (every decoder layer has the same
+        structure; only the weights loaded into it differ)."""
+        key = (spec.typename, *map(id, spec.module_args), *((k, id(v)) for k, v in sorted(spec.module_kwargs.items())))
+        if key not in self._modules:
+            with torch.device("meta"):
+                self._modules[key] = spec.build().eval()
+        return self._modules[key]
+
+
+def streamed_hf_model(model_class, config, ckpt: Checkpoint, on_cpu=()) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' `model_class(config)` holding `ckpt` (fp32) with its decoder layers on the meta device,
+    each given its weights from the checkpoint just before it runs and dropped after, as forward(ids) ->
+    logits. `on_cpu`: names of weightless submodules to build for real (buffers computed at init, e.g. the
+    rotary embedding's frequencies)."""
+    names = names_of(ckpt.shape)
+    with torch.device("meta"):
+        model = model_class(config).eval()
+    for name in on_cpu:
+        parent, _, child = name.rpartition(".")
+        module = model.get_submodule(name)
+        model.get_submodule(parent).add_module(child, type(module)(config=config))
+    state = {k: v.float() for k, v in ckpt.globals().items()}
+    if names.hf_tied_head:
+        state[LM_HEAD] = state[EMBED_TOKENS]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(not k.startswith(names.layer_prefix) for k in missing):
+        raise RuntimeError(f"{model_class.__name__} does not take the checkpoint's tensors: missing "
+                           f"{[k for k in missing if not k.startswith(names.layer_prefix)]}, unexpected {unexpected}")
+    for layer in range(ckpt.shape.num_layers):
+        def load(module, args, layer=layer):
+            module.load_state_dict({k: v.float() for k, v in ckpt.layer(layer).items()}, strict=True, assign=True)
+
+        def drop(module, args, output):
+            module.to("meta")
+        decoder_layer = model.get_submodule(f"{names.layer_prefix}{layer}")
+        decoder_layer.register_forward_pre_hook(load)
+        decoder_layer.register_forward_hook(drop)
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
 
 
 def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -88,18 +149,14 @@ def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tens
 
 
 def opt_hf_reference(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """OPTForCausalLM holding `ckpt` (fp32), or None when transformers is not installed."""
+    """OPTForCausalLM holding `ckpt` (fp32, streamed layer by layer), or None when transformers is not installed."""
     try:
         from transformers import OPTConfig, OPTForCausalLM
     except ImportError:
         return None
     config = OPTConfig.from_dict({**config_from_shape(ckpt.shape, torch.float32), "dropout": 0.0,
                                   "attention_dropout": 0.0})
-    model = OPTForCausalLM(config).eval()
-    state = {k: v.float() for k, v in ckpt.state_dict().items()}
-    state[LM_HEAD] = state[EMBED_TOKENS]
-    model.load_state_dict(state, strict=True)
-    return lambda ids: model(input_ids=ids).logits
+    return streamed_hf_model(OPTForCausalLM, config, ckpt)
 
 
 def difference(reference: torch.Tensor, other: torch.Tensor) -> tuple:
@@ -139,11 +196,10 @@ def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) ->
         return Report(False, [f"verify: FAILED: the target's architecture {architecture(target.shape)} differs from "
                               f"the source's {architecture(source.shape)}"])
     prompt = prompt_for(source.shape)
-    model = OptDsModel(source.shape)
-    src = run(model.load(source), prompt)
-    source_dtypes = model.dtypes
-    tgt = run(model.load(target), prompt)
-    lossy_dtype = precision_lost(source_dtypes, model.dtypes)
+    source_model, target_model = StreamedModel(source), StreamedModel(target)
+    src = run(source_model, prompt)
+    tgt = run(target_model, prompt)
+    lossy_dtype = precision_lost(source_model.dtypes, target_model.dtypes)
     max_abs, kl, scale = difference(src.logits, tgt.logits)
     tolerance = (LOSSY_TOLERANCE[lossy_dtype] if lossy_dtype in LOSSY_TOLERANCE else LOSSLESS_TOLERANCE) * scale
     ok = max_abs <= tolerance

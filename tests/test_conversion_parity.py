@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conversion.convert import Options, convert, open_checkpoint
-from conversion.verify import OptDsModel, prompt_for, run
+from conversion.verify import StreamedModel, prompt_for, run
 from conversion_helpers import KINDS, METASEQ_VOCAB, hf_logits, tiny_hf_model, write_metaseq_parts
 from multiproc import REPO, torchrun
 
@@ -18,7 +18,7 @@ def to_opt_ds(src, dst, **options):
 
 def opt_ds_run(path, fmt="opt_ds"):
     ckpt = open_checkpoint(path, fmt)
-    return run(OptDsModel(ckpt.shape).load(ckpt), prompt_for(ckpt.shape))
+    return run(StreamedModel(ckpt), prompt_for(ckpt.shape))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -561,6 +561,12 @@ case("conv-dst-is-file", lambda t, r: conv(t, r, r.hf_dir, "f", to="hf"), "exist
 case("conv-dst-not-empty", lambda t, r: conv(t, r, r.hf_dir, to="hf"), "is not empty", "--force",
      setup=lambda t, r: ((t / "dst").mkdir(), (t / "dst" / "x").write_text("x")))
 
+# conversion/memory.py
+case("conv-max-memory-size", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", max_memory="lots"),
+     "--max-memory 'lots' is not a size", "e.g. --max-memory 64G")
+case("conv-max-memory", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", max_memory="100K"),
+     "needs about", "GiB of memory", "more than --max-memory 100K", "raise --max-memory")
+
 # conversion/hf.py
 case("hf-model-type", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "model_type is 'gpt2'",
      "only 'opt' and 'llama' models convert", setup=lambda t, r: _edit_config(t, r, model_type="gpt2"))
@@ -587,8 +593,18 @@ case("hf-bin-not-dict", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "holds a
      setup=lambda t, r: (_copy(r.hf_dir, t / "hf"), (t / "hf" / "model.safetensors").unlink(),
                          torch.save([torch.zeros(1)], t / "hf" / "pytorch_model.bin")))
 case("hf-no-config", lambda t, r: importlib.import_module("conversion.hf").read(t), "no config.json")
+case("hf-layer-dtypes", lambda t, r: conv(t, r, t / "hf", to="hf"), "model.decoder.layers.1.", "torch.float16",
+     "planned", "pass --dtype", setup=lambda t, r: _layer_in_fp16(t, r))
 case("hf-config-invalid", lambda t, r: conv(t, r, t / "hf", to="opt_ds", src_format="hf"), "not valid JSON",
      setup=lambda t, r: (_copy(r.hf_dir, t / "hf"), (t / "hf" / "config.json").write_text("{")))
+
+
+def _layer_in_fp16(t, r):
+    """Decoder layer 1 stored in fp16, the others in fp32: the HF writer plans its files from layer 0."""
+    from safetensors.torch import load_file, save_file
+    _copy(r.hf_dir, t / "hf")
+    state = load_file(t / "hf" / "model.safetensors")
+    save_file({k: v.half() if ".layers.1." in k else v for k, v in state.items()}, t / "hf" / "model.safetensors")
 
 
 def _untied_head(t, r):
