@@ -27,7 +27,7 @@ def deepspeed_config(cfg: ResolvedConfig) -> dict:
                  "initial_scale_power": prec.initial_scale_power, "loss_scale_window": prec.loss_scale_window,
                  "hysteresis": prec.hysteresis, "min_loss_scale": prec.min_loss_scale},
         "bf16": {"enabled": prec.dtype == "bf16"},
-        "pipeline": {"activation_checkpoint_interval": run.parallel.activation_checkpoint_interval},
+        "pipeline": {"activation_checkpoint_interval": run.parallel.full_recompute_interval()},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
@@ -44,7 +44,7 @@ _SOURCE_OF = {
     "gradient_clipping": "optimizer.clip_grad",
     "zero_optimization.stage": "parallel.zero_stage",
     "fp16.enabled": "precision.dtype", "bf16.enabled": "precision.dtype",
-    "pipeline.activation_checkpoint_interval": "parallel.activation_checkpoint_interval",
+    "pipeline.activation_checkpoint_interval": "parallel.recompute / parallel.activation_checkpoint_interval",
 }
 
 

@@ -122,6 +122,8 @@ RANGES = {
         "data": Unchecked("an int >= 1 or 'auto', checked with the world size in resolve.py"),
         "zero_stage": Range(0, 1, fix="DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"),
         "activation_checkpoint_interval": at_least(0, "decoder layers per recomputed block; 0 turns it off"),
+        "recompute": OneOf(("none", "selective", "full"),
+                           fix="selective recomputes only the attention core, full every decoder layer"),
     },
     BatchConfig: {
         "global_batch_size": at_least(1, "sequences per optimizer step, e.g. batch.global_batch_size=8"),

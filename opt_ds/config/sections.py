@@ -74,8 +74,22 @@ class ParallelConfig:
     pipeline: int = 1                           # pipeline stages (DeepSpeed PipelineModule)
     data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
     zero_stage: int = 1                         # ZeRO stage over the data-parallel replicas: 0 or 1
-    activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
+    activation_checkpoint_interval: int = 0     # full recompute: decoder layers per checkpointed block; 0 = off
+    recompute: Optional[str] = None             # none | selective (attention core only) | full; null: full if the interval is set
+    sequence_parallel: bool = False             # TP > 1: norms, dropout and residual split along the sequence over TP ranks
     partition_method: str = DECODER_PARTITION_METHOD    # how DeepSpeed balances stages (regex on layer class names)
+
+    def recompute_mode(self) -> str:
+        """none | selective | full, with `recompute: null` read from activation_checkpoint_interval."""
+        if self.recompute is None:
+            return "full" if self.activation_checkpoint_interval > 0 else "none"
+        return self.recompute
+
+    def full_recompute_interval(self) -> int:
+        """Decoder layers per block DeepSpeed recomputes whole (its pipeline `activation_checkpoint_interval`)."""
+        if self.recompute_mode() != "full":
+            return 0
+        return self.activation_checkpoint_interval or 1
 
 
 @dataclass
