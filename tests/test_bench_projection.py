@@ -212,3 +212,28 @@ def test_the_table_in_the_docs_is_the_one_the_command_prints():
     docs = (REPO / "docs" / "bench.md").read_text()
     for run, _, value, ratio in comparison_rows():
         assert f"| {value:.1f} | {run.published:g} | {ratio:.3f} |" in docs, run.name
+
+
+def test_each_step_cost_option_moves_time_and_memory_the_right_way():
+    """Sequence parallelism, selective recompute and the bf16 accumulation modes, at OPT-175B TP8 × PP4 bf16."""
+    from opt_ds.bench.memory import estimate_memory
+    base = BASE.replace(precision="bf16", recompute="full", sequence_parallel=False, grad_accumulation="separate")
+
+    def step(inp):
+        return project(inp).times["step"]
+
+    def memory(inp):
+        return estimate_memory(inp).total
+
+    sp = base.replace(sequence_parallel=True)
+    assert step(sp) < step(base) and memory(sp) < memory(base)          # norms/dropout/residual on s/t tokens
+    selective, none = base.replace(recompute="selective"), base.replace(recompute="none")
+    assert step(none) < step(selective) < step(base)                    # recompute the core only, then nothing
+    assert memory(base) < memory(selective) < memory(none)
+    immediate, fused = base.replace(grad_accumulation="immediate"), base.replace(grad_accumulation="fused")
+    assert step(fused) < step(immediate) < step(base)                   # no Python loop, then no pass at all
+    assert memory(immediate) < memory(base)                             # the bf16 gradient is freed as it is added
+    labels = [label for label, _ in sensitivity(base)]
+    for wanted in ("sequence parallelism on", "selective recompute", "bf16 accumulation immediate",
+                   "bf16 accumulation fused"):
+        assert wanted in labels
