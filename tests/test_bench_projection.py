@@ -116,7 +116,8 @@ def test_the_projection_moves_the_way_physics_says():
     faster_gemm = dataclasses.replace(BASE.hardware, gemm_efficiency=0.8)
     assert project(BASE.replace(hardware=faster_gemm)).hardware_tflops > base
     assert project(BASE.replace(dp_overlap=1.0)).hardware_tflops > base
-    assert project(BASE.replace(precision="fp16")).hardware_tflops > base            # 4 instead of 10 B/param
+    bf16 = project(BASE.replace(precision="bf16")).hardware_tflops
+    assert project(BASE.replace(precision="fp16")).hardware_tflops > bf16            # 4 instead of 10 B/param
     slow_ib = dataclasses.replace(BASE.hardware, ib_gb_s_per_gpu=5)
     assert project(BASE.replace(hardware=slow_ib)).hardware_tflops < base
     assert project(BASE.replace(attention="unfused")).hardware_tflops < base

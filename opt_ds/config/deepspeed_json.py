@@ -28,7 +28,8 @@ def deepspeed_config(cfg: ResolvedConfig) -> dict:
                  "hysteresis": prec.hysteresis, "min_loss_scale": prec.min_loss_scale},
         # immediate_grad_update: each bf16 gradient is added to its fp32 accumulator by a hook as soon as backward
         # produces it (and freed), instead of a pass over every parameter after each micro-batch
-        "bf16": {"enabled": True, "immediate_grad_update": True} if prec.dtype == "bf16" else {"enabled": False},
+        "bf16": {"enabled": True, "immediate_grad_update": prec.grad_accumulation == "immediate"}
+        if prec.dtype == "bf16" else {"enabled": False},
         "pipeline": {"activation_checkpoint_interval": run.parallel.full_recompute_interval()},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -51,6 +52,7 @@ _SOURCE_OF = {
     "gradient_clipping": "optimizer.clip_grad",
     "zero_optimization.stage": "parallel.zero_stage",
     "fp16.enabled": "precision.dtype", "bf16.enabled": "precision.dtype",
+    "bf16.immediate_grad_update": "precision.grad_accumulation",
     "pipeline.activation_checkpoint_interval": "parallel.recompute / parallel.activation_checkpoint_interval",
 }
 

@@ -134,6 +134,7 @@ RANGES = {
     },
     PrecisionConfig: {
         "dtype": OneOf(("fp32", "bf16", "fp16")),
+        "grad_accumulation": OneOf(("immediate", "separate"), fix="DeepSpeed's bf16.immediate_grad_update on or off"),
         "initial_scale_power": Range(0, 64, fix="the fp16 loss scale starts at 2**power; DeepSpeed's default is 16"),
         "loss_scale_window": at_least(1, "steps without overflow before the fp16 scale grows, e.g. 1000"),
         "hysteresis": at_least(1, "overflows tolerated before the fp16 scale shrinks, e.g. 2"),

@@ -103,6 +103,7 @@ class BatchConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp32"                         # fp32 | bf16 | fp16
+    grad_accumulation: str = "immediate"        # bf16: immediate (fp32 += bf16 gradient in backward hooks) | separate (a pass per micro-batch)
     initial_scale_power: int = 16               # fp16 dynamic loss scaling
     loss_scale_window: int = 1000               # fp16: overflow-free steps before the loss scale doubles
     hysteresis: int = 2                         # fp16: overflows tolerated before the loss scale halves

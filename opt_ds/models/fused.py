@@ -2,9 +2,12 @@
 
 megatron-core compiles these with torch.compile (`megatron.core.jit.jit_fuser`), which fuses each into one
 kernel on a GPU. On a CPU inductor builds C++ for every new shape (150 s for the first one on 2 cores), so
-there the same arithmetic runs as the plain expression. The choice is made once, here, not per call.
+there the same arithmetic runs as the plain expression. The choice is made once, here, not per call;
+OPT_DS_FUSED=0 in the environment forces the plain expressions on a GPU too (the GPU A/B benchmark's "off").
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 from megatron.core.jit import jit_fuser
 
-FUSED = torch.cuda.is_available()
+FUSED = torch.cuda.is_available() and os.environ.get("OPT_DS_FUSED", "1") != "0"
 
 
 def bias_dropout_add(x: torch.Tensor, bias, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
