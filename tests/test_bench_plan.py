@@ -15,7 +15,8 @@ from opt_ds.config import load_config
 from opt_ds.models.family import as_decoder_shape
 
 WORKER = REPO / "tests" / "workers" / "memory_run.py"
-ROW = re.compile(r"^\s+1\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(on|off)\s+([01])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
+ROW = re.compile(r"^\s+1\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(none|selective|full)\s+(on|off)\s+([01])\s+"
+                 r"([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 
 
 def _plan(capsys, *args):
@@ -26,10 +27,12 @@ def _plan(capsys, *args):
 
 
 def test_opt_175b_on_992_a100s_ranks_a_layout_near_147_tflops_first(capsys):
-    status, out, _ = _plan(capsys, "--model", "opt-175b", "--gpus", "992", "--hardware", "a100-80gb", "--top", "3")
+    # OPT-175B's 147 TFLOP/s were fp16 (bf16 adds the fp32 gradient accumulation per micro-batch)
+    status, out, _ = _plan(capsys, "--model", "opt-175b", "--gpus", "992", "--hardware", "a100-80gb", "--top", "3",
+                           "--precision", "fp16")
     assert status == 0
     top = next(ROW.match(line) for line in out.splitlines() if ROW.match(line))
-    tp, pp, dp, hardware_tflops = int(top[1]), int(top[2]), int(top[3]), float(top[10])
+    tp, pp, dp, hardware_tflops = int(top[1]), int(top[2]), int(top[3]), float(top[11])
     assert tp * pp * dp == 992
     assert abs(hardware_tflops / 147 - 1) <= 0.15, out
     # The overrides printed under the row are a config opt_ds accepts at 992 ranks.

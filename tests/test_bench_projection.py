@@ -40,10 +40,11 @@ def test_the_runs_share_every_hardware_figure():
 
 
 def test_the_gemm_efficiency_is_the_one_fitted_on_a_one_gpu_measurement():
-    # A compiled OPT-1.3B step on one H100 measured 537 model TFLOP/s (b=8, s=2048, bf16, no communication).
+    # A compiled OPT-1.3B step on one H100 measured 537 model TFLOP/s (b=8, s=2048, bf16, no communication;
+    # autograd wrote the gradients in place: no accumulation pass, which `fused` stands for).
     one_gpu = ProjectionInputs(shape=as_decoder_shape(get_preset("opt-1.3b").shape), gpus=1, tensor=1, pipeline=1,
                                micro_batch=8, global_batch=8, recompute="none", dropout=False, zero_stage=0,
-                               hardware=HARDWARE["h100-80gb"])
+                               grad_accumulation="fused", hardware=HARDWARE["h100-80gb"])
     assert project(one_gpu).model_tflops == pytest.approx(537, rel=0.03)
 
 
@@ -115,7 +116,8 @@ def test_the_projection_moves_the_way_physics_says():
     faster_gemm = dataclasses.replace(BASE.hardware, gemm_efficiency=0.8)
     assert project(BASE.replace(hardware=faster_gemm)).hardware_tflops > base
     assert project(BASE.replace(dp_overlap=1.0)).hardware_tflops > base
-    assert project(BASE.replace(precision="fp16")).hardware_tflops > base            # 4 instead of 10 B/param
+    bf16 = project(BASE.replace(precision="bf16")).hardware_tflops
+    assert project(BASE.replace(precision="fp16")).hardware_tflops > bf16            # 4 instead of 10 B/param
     slow_ib = dataclasses.replace(BASE.hardware, ib_gb_s_per_gpu=5)
     assert project(BASE.replace(hardware=slow_ib)).hardware_tflops < base
     assert project(BASE.replace(attention="unfused")).hardware_tflops < base
@@ -211,3 +213,28 @@ def test_the_table_in_the_docs_is_the_one_the_command_prints():
     docs = (REPO / "docs" / "bench.md").read_text()
     for run, _, value, ratio in comparison_rows():
         assert f"| {value:.1f} | {run.published:g} | {ratio:.3f} |" in docs, run.name
+
+
+def test_each_step_cost_option_moves_time_and_memory_the_right_way():
+    """Sequence parallelism, selective recompute and the bf16 accumulation modes, at OPT-175B TP8 × PP4 bf16."""
+    from opt_ds.bench.memory import estimate_memory
+    base = BASE.replace(precision="bf16", recompute="full", sequence_parallel=False, grad_accumulation="separate")
+
+    def step(inp):
+        return project(inp).times["step"]
+
+    def memory(inp):
+        return estimate_memory(inp).total
+
+    sp = base.replace(sequence_parallel=True)
+    assert step(sp) < step(base) and memory(sp) < memory(base)          # norms/dropout/residual on s/t tokens
+    selective, none = base.replace(recompute="selective"), base.replace(recompute="none")
+    assert step(none) < step(selective) < step(base)                    # recompute the core only, then nothing
+    assert memory(base) < memory(selective) < memory(none)
+    immediate, fused = base.replace(grad_accumulation="immediate"), base.replace(grad_accumulation="fused")
+    assert step(fused) < step(immediate) < step(base)                   # no Python loop, then no pass at all
+    assert memory(immediate) < memory(base)                             # the bf16 gradient is freed as it is added
+    labels = [label for label, _ in sensitivity(base)]
+    for wanted in ("sequence parallelism on", "selective recompute", "bf16 accumulation immediate",
+                   "bf16 accumulation fused"):
+        assert wanted in labels

@@ -124,3 +124,20 @@ def test_launch_with_wrong_world_size_fails_before_process_groups(tmp_path):
 def test_exponent_without_dot_is_a_number():
     """YAML 1.1 reads `1e-2` as a string; a learning rate written that way must still work."""
     assert load_config(None, BASE + ["optimizer.lr=1e-2"]).run.optimizer.lr == 0.01
+
+
+def test_recompute_modes_and_the_full_recompute_interval():
+    assert "parallel.recompute 'some': choose none, selective or full" in error(["parallel.recompute=some"])
+    msg = error(["parallel.recompute=selective", "parallel.activation_checkpoint_interval=2"])
+    assert "recomputes whole decoder layers, but parallel.recompute is selective" in msg
+    old_style = load_config(None, BASE + ["parallel.activation_checkpoint_interval=2"]).deepspeed_config()
+    full = load_config(None, BASE + ["parallel.recompute=full"]).deepspeed_config()
+    assert old_style["pipeline"]["activation_checkpoint_interval"] == 2
+    assert full["pipeline"]["activation_checkpoint_interval"] == 1
+
+
+def test_sequence_parallel_needs_a_sequence_the_tp_degree_divides():
+    msg = error(["parallel.tensor=2", "parallel.sequence_parallel=true", "batch.seq_length=33"], world_size=2)
+    assert "batch.seq_length 33 is not divisible by parallel.tensor 2" in msg
+    cfg = load_config(None, BASE + ["parallel.tensor=2", "parallel.sequence_parallel=true"], world_size=2)
+    assert cfg.deepspeed_config()["pipeline"]["pipe_partitioned"] is False

@@ -33,7 +33,7 @@ def test_logits_match_transformers(layout, name):
         expected = hf(input_ids).logits
         got = ours(input_ids)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_copy_is_not_vacuous(layout):

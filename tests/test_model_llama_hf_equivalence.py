@@ -35,7 +35,7 @@ def test_logits_match_transformers(layout, name):
         expected = hf(INPUT).logits
         got = ours(INPUT)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_copy_is_not_vacuous(layout):
@@ -54,4 +54,4 @@ def test_tp2_pp2_engine_matches_transformers(tmp_path):
     torchrun(4, "tests/workers/llama_hf_run.py", out, timeout=240)
     with torch.no_grad():
         expected = random_hf_llama(shape)(INPUT).logits
-    torch.testing.assert_close(torch.load(out), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.load(out), expected, rtol=0, atol=1e-6)

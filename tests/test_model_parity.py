@@ -4,6 +4,9 @@ Each layout trains the same tiny OPT, and the same tiny LLaMA with grouped-query
 off, same seed, same learnable data, same global batch, gradient clipping active) with the real Trainer in real multi-process runs; every per-step loss and
 gradient norm must equal the single-process run's within 1e-5 relative, the initial full weights must be
 bit-identical, and OPT's tied embedding copies on the first and last stage must stay bit-identical.
+The tensor-parallel layouts run with sequence parallelism and selective recompute (their gradients of the
+norms and row-parallel biases are the ones SP must reduce over the TP ranks), the pipeline layouts with full
+recompute; the plain TP path (SP off) runs in the checkpoint-layout and launcher tests.
 """
 import pytest
 import torch
@@ -14,32 +17,36 @@ from opt_ds.train.metrics import read_metrics
 
 STEPS = 6
 CLIP = 0.3
-LAYOUTS = {  # name: (tp, pp, dp, zero stage)
-    "1x1x1": (1, 1, 1, 1), "2x1x1": (2, 1, 1, 1), "1x2x1": (1, 2, 1, 1), "2x2x1": (2, 2, 1, 1),
-    "1x1x2": (1, 1, 2, 1), "2x2x2": (2, 2, 2, 1), "1x2x1-zero0": (1, 2, 1, 0),
+SP_SELECTIVE = ("parallel.sequence_parallel=true", "parallel.recompute=selective")
+FULL_RECOMPUTE = ("parallel.recompute=full",)
+LAYOUTS = {  # name: (tp, pp, dp, zero stage, extra overrides)
+    "1x1x1": (1, 1, 1, 1, ()), "2x1x1": (2, 1, 1, 1, SP_SELECTIVE), "1x2x1": (1, 2, 1, 1, FULL_RECOMPUTE),
+    "2x2x1": (2, 2, 1, 1, SP_SELECTIVE), "1x1x2": (1, 1, 2, 1, ()), "2x2x2": (2, 2, 2, 1, SP_SELECTIVE),
+    "1x2x1-zero0": (1, 2, 1, 0, ()),
 }
 FAMILY_OVERRIDES = {"opt": [], "llama": ["model.family=llama", "model.num_kv_heads=2"]}
 OPT_ONLY = {"1x2x1-zero0"}      # the ZeRO-0 clipping path is family-independent: run it once
 
 
-def overrides(family, tp, pp, zero, log_dir):
+def overrides(family, tp, pp, zero, extra, log_dir):
     return TINY_MODEL + FAMILY_OVERRIDES[family] + [
         "model.dropout=0.0", "precision.dtype=fp32", f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
         f"parallel.zero_stage={zero}", "batch.global_batch_size=8", "batch.micro_batch_size=2",
         "data.synthetic=arithmetic", f"train.steps={STEPS}", "train.seed=7", f"train.log_dir={log_dir}",
         "train.tensorboard=false", "optimizer.lr=0.003", "optimizer.warmup_steps=2", f"optimizer.clip_grad={CLIP}",
+        *extra,
     ]
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_OVERRIDES))
 def runs(request, tmp_path_factory):
     family, results = request.param, {"family": request.param}
-    for name, (tp, pp, dp, zero) in LAYOUTS.items():
+    for name, (tp, pp, dp, zero, extra) in LAYOUTS.items():
         if family != "opt" and name in OPT_ONLY:
             continue
         work = tmp_path_factory.mktemp(f"{family}-{name}")
         torchrun(tp * pp * dp, "tests/workers/parity_run.py", work / "state.pt",
-                 *overrides(family, tp, pp, zero, work), timeout=240)
+                 *overrides(family, tp, pp, zero, extra, work), timeout=240)
         results[name] = {"metrics": read_metrics(work / "metrics.jsonl", "train"),
                          **torch.load(work / "state.pt", weights_only=False)}
     return results

@@ -1,25 +1,40 @@
 """Exact resume: N steps, stop, resume in fresh processes, N more == 2N straight (fp32, PP=2, dropout on,
-so the dropout RNG position, data position, optimizer, LR schedule and step counter must all survive)."""
+so the dropout RNG position, data position, optimizer, LR schedule and step counter must all survive).
+
+Also at TP=2 with sequence parallelism (each TP rank draws the dropout of its own part of the sequence) and
+attention dropout (megatron's model-parallel RNG), where the interrupted run recomputes the attention core
+selectively and the straight one does not: equal results also show that the recompute replays the
+attention-dropout mask of the forward exactly."""
+import pytest
+
 from conftest import TINY_MODEL
 from multiproc import opt_ds
 from opt_ds.train.metrics import read_metrics
 
 N = 3
-ARGS = TINY_MODEL + ["parallel.pipeline=2", "model.dropout=0.1", "data.synthetic=arithmetic",
+ARGS = TINY_MODEL + ["model.dropout=0.1", "data.synthetic=arithmetic",
                      "batch.global_batch_size=8", "batch.micro_batch_size=2", "optimizer.lr=0.003",
                      "optimizer.warmup_steps=2", f"optimizer.decay_steps={2 * N}", "train.tensorboard=false"]
+PP2 = ["parallel.pipeline=2"]
+TP2_SP = ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.attention_dropout=0.1"]
+LAYOUTS = {  # name: (overrides of both runs, of the straight run, of the interrupted run)
+    "pp2": (PP2, [], []),
+    "tp2-sp": (TP2_SP, ["parallel.recompute=none"], ["parallel.recompute=selective"]),
+}
 
 
-def train(run_dir, steps):
-    opt_ds("train", "-", *ARGS, f"train.steps={steps}", f"train.save_dir={run_dir}/ckpt",
+def train(run_dir, steps, extra=PP2):
+    opt_ds("train", "-", *ARGS, *extra, f"train.steps={steps}", f"train.save_dir={run_dir}/ckpt",
            f"train.log_dir={run_dir}", nproc=2, timeout=180)
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight = [r for r in train(tmp_path / "straight", 2 * N) if r["event"] == "train"]
-    train(tmp_path / "resumed", N)
-    records = train(tmp_path / "resumed", 2 * N)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
+    both, straight_only, interrupted_only = LAYOUTS[layout]
+    straight = [r for r in train(tmp_path / "straight", 2 * N, both + straight_only) if r["event"] == "train"]
+    train(tmp_path / "resumed", N, both + interrupted_only)
+    records = train(tmp_path / "resumed", 2 * N, both + interrupted_only)
     resumed = [r for r in records if r["event"] == "train"]
     assert [r["event"] for r in records].count("resume") == 1
     assert [r["step"] for r in resumed] == list(range(1, 2 * N + 1))
@@ -31,7 +46,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_dropout_is_active(tmp_path):
     """The resume test is only meaningful if dropout draws random numbers: same seed, dropout off, other loss."""
     with_dropout = [r["loss"] for r in train(tmp_path / "a", 1) if r["event"] == "train"]
-    opt_ds("train", "-", *ARGS, "train.steps=1", "model.dropout=0.0", f"train.log_dir={tmp_path}/b", nproc=2,
+    opt_ds("train", "-", *ARGS, *PP2, "train.steps=1", "model.dropout=0.0", f"train.log_dir={tmp_path}/b", nproc=2,
            timeout=120)
     without = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl", "train")]
     assert with_dropout != without

@@ -40,6 +40,10 @@ class BenchCase:
     seq: int = 2048
     precision: str = "auto"         # auto = bf16 on GPU, fp32 on CPU
     ac_interval: int = 0            # decoder layers per activation-checkpointed block; 0 = off
+    recompute: str = ""             # none | selective | full (parallel.recompute); "" = by ac_interval
+    sequence_parallel: bool = False # parallel.sequence_parallel (takes effect with TP > 1)
+    grad_accumulation: str = "immediate"    # bf16: immediate | separate (precision.grad_accumulation)
+    fused: bool = True              # megatron-core's fused element-wise kernels on GPU (off: plain expressions)
     compile: bool = False           # torch.compile each pipeline layer (DeepSpeed PipelineModule.compile)
     peer: bool = True               # run the peers on this case's shape (when --peer)
     note: str = ""
@@ -72,7 +76,7 @@ class BenchCase:
 
     def peer_key(self) -> tuple:
         """Cases with the same key share one peer measurement (peers always run on one device)."""
-        return (self.shape, self.micro_batch, self.seq, self.precision, self.ac_interval > 0)
+        return (self.shape, self.micro_batch, self.seq, self.precision, self.ac_interval > 0 or self.recompute == "full")
 
     def resolve_precision(self, cuda: bool) -> "BenchCase":
         if self.precision != "auto":
@@ -87,6 +91,9 @@ class BenchCase:
             if key in settable and key != "init_std" and value is not None] + [
             f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}", f"parallel.data={self.data}",
             f"parallel.activation_checkpoint_interval={self.ac_interval}",
+            *([f"parallel.recompute={self.recompute}"] if self.recompute else []),
+            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+            f"precision.grad_accumulation={self.grad_accumulation}",
             f"batch.micro_batch_size={self.micro_batch}", f"batch.global_batch_size={self.global_batch}",
             f"batch.seq_length={self.seq}",
             f"precision.dtype={self.precision}",
@@ -142,11 +149,14 @@ NAMED_CASES = {c.name: c for c in [
               note="one LLaMA-65B layer with its embedding and head, one GPU"),
 ]}
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # `name:key=value` keys and the BenchCase field each sets (layers and dropout change the shape).
 SPEC_KEYS = {"tp": "tensor", "pp": "pipeline", "dp": "data", "mb": "micro_batch", "gas": "grad_accum",
-             "seq": "seq", "precision": "precision", "ac": "ac_interval", "compile": "compile", "peer": "peer"}
+             "seq": "seq", "precision": "precision", "ac": "ac_interval", "compile": "compile", "peer": "peer",
+             "recompute": "recompute", "sp": "sequence_parallel", "accum": "grad_accumulation", "fused": "fused"}
+CHOICES = {"precision": PRECISIONS, "recompute": ("none", "selective", "full"),
+           "accum": ("immediate", "separate")}
 SHAPE_KEYS = {"layers": "num_layers", "dropout": "dropout"}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _text(value) -> str:
@@ -154,11 +164,11 @@ def _text(value) -> str:
 
 
 def _parse_value(key: str, text: str):
-    if key == "precision":
-        if text not in PRECISIONS:
-            raise ConfigError(f"case key precision={text!r}: choose one of {', '.join(PRECISIONS)}")
+    if key in CHOICES:
+        if text not in CHOICES[key]:
+            raise ConfigError(f"case key {key}={text!r}: choose one of {', '.join(CHOICES[key])}")
         return text
-    if key in ("peer", "compile"):
+    if key in ("peer", "compile", "sp", "fused"):
         if text.lower() not in ("0", "1", "true", "false", "on", "off"):
             raise ConfigError(f"case key {key}={text!r}: use {key}=on or {key}=off")
         return text.lower() in ("1", "true", "on")

@@ -27,7 +27,8 @@ class ProjectionInputs:
     attention: str = "flash"            # flash (fused, causal) | unfused (s² scores in HBM)
     sequence_parallel: bool = False     # LayerNorm/dropout/residual work split over TP ranks
     dropout: bool = True
-    precision: str = "bf16"             # fp16 | bf16 | fp32: weights, gradients and DP traffic
+    precision: str = "fp16"             # fp16 (ds_configs/opt-175b.yaml) | bf16 | fp32: weights, gradients, DP traffic
+    grad_accumulation: str = "immediate"    # bf16: immediate (opt_ds) | separate (DeepSpeed default) | fused
     zero_stage: int = 1                 # 0, 1, or 3 (FSDP: parameters sharded and gathered per layer)
     partition: str = "layers"           # layers | layers+embedding (embedding and head count as a layer)
     hardware: Hardware = HARDWARE["a100-80gb"]

@@ -1,7 +1,7 @@
 """Forward + backward time of one real opt_ds decoder layer: the input of the large-run projection.
 
 The layer is the model family's own decoder layer (megatron-core TP layers at TP=1, SDPA attention) at
-the case's full width, run on a [micro-batch, seq, hidden] activation. With `recompute` the forward runs
+the case's full width, run on a [seq, micro-batch, hidden] activation. With `recompute` the forward runs
 once more inside backward (torch.utils.checkpoint), which is what activation checkpointing costs.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def measure_layer(case: BenchCase, recompute: bool, steps: int, warmup: int) -> 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     layer = family_of(case.shape).decoder_layer(case.shape, layout.megatron_config(params_dtype=dtype),
                                                 layout.tensor_group()).to(device).train()
-    shape = (case.micro_batch, case.seq, case.shape.hidden_size)
+    shape = (case.seq, case.micro_batch, case.shape.hidden_size)     # decoder layers take [seq, batch, hidden]
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(shape, device=device, dtype=dtype)
 

@@ -4,6 +4,7 @@ Bytes per parameter held by one GPU (P = its stage's TP shard, d = DP ranks), as
 
   precision, ZeRO   weights  gradients                      optimizer state
   bf16, 0/1         2        4 fp32 accumulation + 2 bf16   12/d  fp32 master, Adam m, v (BF16_Optimizer)
+                             (immediate accumulation: 4; the bf16 gradient is freed as it is added)
   fp16, 1           2        2 + 4/d fp32 partition         12/d  (DeepSpeedZeroOptimizer)
   fp16, 0           2        2 + 4 fp32 master gradients    12    (FP16_Optimizer)
   fp32, 1           4        4                              12/d  fp32 partition copy, m, v
@@ -21,7 +22,8 @@ its output: T·F/t; GELU input and output: 2·T·F/t; gated: 4·T·F/t), dropout
 element each), and for unfused attention the scores (softmax output, dropout mask and output: 5 bytes per
 score, 2 without dropout); flash kernels keep only a log-sum-exp. Under full recompute a layer keeps only
 its input, plus one layer's full set while it is recomputed (after the loss's backward has freed the
-logits). A 1F1B stage i of p holds min(p − i, m) micro-batches; the last stage also keeps fp32 logits for
+logits). Selective recompute keeps everything but the attention core's own saved tensors: its output
+(T·h/t) and, for unfused attention, the scores. A 1F1B stage i of p holds min(p − i, m) micro-batches; the last stage also keeps fp32 logits for
 the loss (T·V/t · 4).
 """
 from __future__ import annotations
@@ -85,11 +87,11 @@ def stage_parameters(inp: ProjectionInputs, layers: list) -> list:
     return params
 
 
-def _state_bytes_per_parameter(precision: str, zero: int, d: int) -> tuple:
+def _state_bytes_per_parameter(precision: str, zero: int, d: int, grad_accumulation: str = "separate") -> tuple:
     shard = d if zero >= 1 else 1
     weights = PRECISION_BYTES[precision]
     if precision == "bf16":
-        grads = 6.0
+        grads = 4.0 if grad_accumulation == "immediate" else 6.0
     elif precision == "fp16":
         grads = 2 + (4 / d if zero >= 1 else 4)
     else:
@@ -127,7 +129,8 @@ def _stage_activation_bytes(inp: ProjectionInputs, stage: int, layers: int, micr
         layer_total = layers * checkpoints * in_flight
     elif inp.recompute == "selective":
         scores = inp.micro_batch * inp.shape.num_heads / inp.tensor * inp.seq ** 2 * (5 if inp.dropout else 2)
-        kept = full - (scores if inp.attention == "unfused" else 0)
+        core_output = tokens * inp.shape.hidden_size / inp.tensor * inp.activation_bytes
+        kept = full - core_output - (scores if inp.attention == "unfused" else 0)
         layer_total = layers * kept * in_flight
     else:
         layer_total = layers * full * in_flight
@@ -143,7 +146,7 @@ def stage_memory(inp: ProjectionInputs) -> list:
     d = inp.gpus // (inp.tensor * inp.pipeline)
     m = max(1, inp.global_batch // (d * inp.micro_batch))
     layers = stage_layers(inp.shape, inp.pipeline, inp.partition)
-    weights, grads, optimizer = _state_bytes_per_parameter(inp.precision, inp.zero_stage, d)
+    weights, grads, optimizer = _state_bytes_per_parameter(inp.precision, inp.zero_stage, d, inp.grad_accumulation)
     estimates = []
     for i, (n, params) in enumerate(zip(layers, stage_parameters(inp, layers))):
         bucket = (REDUCE_BUCKET_ELEMENTS * PRECISION_BYTES[inp.precision]

@@ -6,8 +6,9 @@ GPU and the config overrides that run it.
   opt-ds plan --shape layers=32,hidden=4096,heads=32,ffn=11008,gated=1,vocab=32000,tied=0 --gpus 64
 
 Layouts: TP (dividing a node's GPUs, the heads and the MLP width) × PP (up to the layers) × DP (the rest),
-micro-batch 1/2/4/8, activation checkpointing every layer or off, ZeRO stage 0 or 1 — what opt_ds runs
-(DeepSpeed pipeline engine, megatron-core TP, flash attention through SDPA). Each is projected with the
+micro-batch 1/2/4/8, activation recompute full / selective / none, sequence parallelism on or off (TP > 1),
+ZeRO stage 0 or 1 — what opt_ds runs (DeepSpeed pipeline engine, megatron-core TP, flash attention through
+SDPA, bf16 gradients accumulated in backward hooks). Each is projected with the
 model of `opt-ds bench --project` and sized with the memory model in docs/bench.md.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ class PlannedLayout:
         inp = self.inputs
         return [f"parallel.tensor={inp.tensor}", f"parallel.pipeline={inp.pipeline}",
                 f"parallel.data={self.projection.data}", f"parallel.zero_stage={inp.zero_stage}",
-                f"parallel.activation_checkpoint_interval={1 if inp.recompute == 'full' else 0}",
+                f"parallel.recompute={inp.recompute}",
+                f"parallel.sequence_parallel={'true' if inp.sequence_parallel else 'false'}",
                 f"batch.micro_batch_size={inp.micro_batch}", f"batch.global_batch_size={self.projection.global_batch}",
                 f"batch.seq_length={inp.seq}", f"precision.dtype={inp.precision}"]
 
@@ -71,10 +73,11 @@ def candidate_inputs(base, gpus_per_node: int) -> list:
             for mb in MICRO_BATCHES:
                 if dp * mb > base.global_batch:
                     continue
-                for recompute in ("full", "none"):
-                    for zero in (1, 0):
-                        found.append(base.replace(tensor=tp, pipeline=pp, micro_batch=mb, recompute=recompute,
-                                                  zero_stage=zero))
+                for recompute in ("full", "selective", "none"):
+                    for sp in ((False, True) if tp > 1 else (False,)):
+                        for zero in (1, 0):
+                            found.append(base.replace(tensor=tp, pipeline=pp, micro_batch=mb, recompute=recompute,
+                                                      sequence_parallel=sp, zero_stage=zero))
     return found
 
 
@@ -118,7 +121,8 @@ def base_inputs(args):
         raise ConfigError(f"--global-batch {global_batch}: must be at least 1")
     return ProjectionInputs(shape=shape, model_name=name, seq=args.seq, gpus=args.gpus, global_batch=global_batch,
                             attention="flash", sequence_parallel=False, dropout=args.dropout == "on",
-                            precision=args.precision, partition="layers", hardware=hardware)
+                            precision=args.precision, grad_accumulation="immediate", partition="layers",
+                            hardware=hardware)
 
 
 def format_plan(base, layouts: list, considered: int, top: int) -> str:
@@ -130,7 +134,7 @@ def format_plan(base, layouts: list, considered: int, top: int) -> str:
     if not layouts:
         lines.append("Nothing fits: use more GPUs, a shorter sequence, or a smaller micro-batch/global batch.")
         return "\n".join(lines)
-    lines.append(f"  {'#':>2} {'TP':>3} {'PP':>3} {'DP':>5} {'mb':>3} {'m':>5} {'AC':>4} {'ZeRO':>4} "
+    lines.append(f"  {'#':>2} {'TP':>3} {'PP':>3} {'DP':>5} {'mb':>3} {'m':>5} {'recompute':>9} {'SP':>3} {'ZeRO':>4} "
                  f"{'tok/s/GPU':>10} {'model':>6} {'hw':>6} {'idle':>6}  memory GiB/GPU: total = weights + "
                  "grads + optimizer + activations + buffers")
     for rank, p in enumerate(layouts[:top], 1):
@@ -138,12 +142,14 @@ def format_plan(base, layouts: list, considered: int, top: int) -> str:
         parts = " + ".join(f"{mem.parts[k] / 2 ** 30:.1f}" for k in ("weights", "gradients", "optimizer",
                                                                       "activations", "buffers"))
         lines.append(f"  {rank:>2} {inp.tensor:>3} {inp.pipeline:>3} {proj.data:>5} {inp.micro_batch:>3} "
-                     f"{proj.micro_batches:>5} {'on' if inp.recompute == 'full' else 'off':>4} {inp.zero_stage:>4} "
+                     f"{proj.micro_batches:>5} {inp.recompute:>9} {'on' if inp.sequence_parallel else 'off':>3} "
+                     f"{inp.zero_stage:>4} "
                      f"{proj.tokens_per_s_per_gpu:10.1f} {proj.model_tflops:6.1f} {proj.hardware_tflops:6.1f} "
                      f"{proj.bubble:6.1%}  {mem.total_gib:.1f} = {parts}")
         lines.append(f"       opt-ds train CONFIG {' '.join(p.overrides())}")
     lines += ["", "model / hw: TFLOP/s per GPU in model FLOPs (no recompute) / hardware FLOPs (recompute counted); "
-              "m: micro-batches per replica; AC: activation checkpointing of every layer; idle: pipeline fill/drain "
+              "m: micro-batches per replica; recompute: of every layer (full), of the attention core (selective); SP: "
+              "sequence parallelism; idle: pipeline fill/drain "
               "and uneven stages. "
               "`opt-ds bench --project` with the same layout prints every assumption."]
     return "\n".join(lines)

@@ -11,6 +11,12 @@ T = b·s tokens of one micro-batch, h = hidden, F = MLP width, a = heads):
   t_tp      TP collectives of T·h activations: 2 forward + 2 backward (+ 2 with full recompute), each
             latency + 2(t−1)/t · bytes / NVLink bus bandwidth, × (1 − TP overlap)
   stage i   its layers × (t_layer + t_tp) + embedding (first) or LM head + loss (last) + 2 transfers
+            + bf16 gradient accumulation: the fp32 gradient += the bf16 one after every micro-batch, 18 B/param
+            of HBM traffic (upcast copy written and read, fp32 read and written); DeepSpeed's default runs it
+            as a pass over every parameter after the backward (+ a launch per tensor from a Python loop),
+            `immediate` in backward hooks as each gradient is ready (same bytes, no loop, bf16 gradient
+            freed); `fused` is Megatron's accumulation inside the weight-gradient GEMM (no pass: needs
+            APEX's fused kernels, which opt_ds does not use — listed for comparison)
   t_pipe    (m − 1) · slowest stage + Σ stages       1F1B; = (m + p − 1)·t_stage for equal stages
   t_dp      ZeRO 0/1: gradient reduction + parameter all-gather after the last backward (not overlapped
             in DeepSpeed's pipeline engine nor Megatron-LM 2021); ZeRO-3 (FSDP): gathers and
@@ -33,6 +39,10 @@ from opt_ds.models.flops import all_conventions
 
 RECOMPUTE = ("full", "selective", "none")
 ATTENTION = ("flash", "unfused")
+GRAD_ACCUMULATION = ("separate", "immediate", "fused")
+ACCUMULATION_BYTES_PER_PARAM = 18   # hp += lp.to(fp32): write + read the fp32 upcast, read + write hp, read lp
+LAUNCH_S = 10e-6                    # one kernel launch from Python (DeepSpeed's per-parameter loop)
+TENSORS_PER_LAYER = 16              # OPT: 4 weights + 4 biases of QKV/out/fc1/fc2, 2 LayerNorms × 2 (+ slack)
 PARTITIONS = ("layers", "layers+embedding")
 # Bytes per parameter each GPU sends through its data-parallel collectives in one step (ZeRO 0/1):
 # fp16 (Megatron-LM, DeepSpeed fp16): 2-byte gradient all-reduce (ring: 2 × 2) or ZeRO-1 reduce-scatter +
@@ -74,7 +84,8 @@ class Projection:
 def check_inputs(inp: ProjectionInputs) -> None:
     for name, value, allowed in (("recompute", inp.recompute, RECOMPUTE), ("attention", inp.attention, ATTENTION),
                                  ("precision", inp.precision, tuple(PRECISION_BYTES)),
-                                 ("partition", inp.partition, PARTITIONS), ("zero", inp.zero_stage, (0, 1, 3))):
+                                 ("partition", inp.partition, PARTITIONS), ("zero", inp.zero_stage, (0, 1, 3)),
+                                 ("grad_accumulation", inp.grad_accumulation, GRAD_ACCUMULATION)):
         if value not in allowed:
             raise ProjectionError(f"{name}={value!r}: choose one of {', '.join(map(str, allowed))}")
     shape, t, p = inp.shape, inp.tensor, inp.pipeline
@@ -187,6 +198,15 @@ def _p2p_seconds(inp: ProjectionInputs) -> float:
     return 2 * (IB_LATENCY_S + activation / t / (hw.ib_gb_s_per_gpu * GB) + gather)
 
 
+def _accumulation_seconds(inp: ProjectionInputs, params: list, layers: list) -> list:
+    """Per stage and micro-batch: bf16 gradient accumulation into the fp32 gradients (see the module doc)."""
+    if inp.precision != "bf16" or inp.grad_accumulation == "fused" or inp.zero_stage == 3:    # FSDP: its own
+        return [0.0] * len(params)
+    hbm = inp.hardware.hbm_tb_s * 1e12 * inp.hbm_efficiency
+    loop = LAUNCH_S * TENSORS_PER_LAYER if inp.grad_accumulation == "separate" else 0.0
+    return [n * ACCUMULATION_BYTES_PER_PARAM / hbm + loop * layers_here for n, layers_here in zip(params, layers)]
+
+
 def project(inp: ProjectionInputs) -> Projection:
     check_inputs(inp)
     shape, hw = inp.shape, inp.hardware
@@ -202,7 +222,8 @@ def project(inp: ProjectionInputs) -> Projection:
     tp = tp_seconds_per_layer(inp)
     first, last = _embedding_seconds(inp)
     p2p = _p2p_seconds(inp) if p > 1 else 0.0
-    stages = [n * (compute + tp) + p2p + (first if i == 0 else 0) + (last if i == p - 1 else 0)
+    accumulate = _accumulation_seconds(inp, stage_parameters(inp, layers), layers)
+    stages = [n * (compute + tp) + p2p + (first if i == 0 else 0) + (last if i == p - 1 else 0) + accumulate[i]
               for i, n in enumerate(layers)]
     pipe = (m - 1) * max(stages) + sum(stages)
 
@@ -233,6 +254,7 @@ def project(inp: ProjectionInputs) -> Projection:
         inputs=inp, data=d, micro_batches=m, global_batch=global_batch, stage_layers=layers,
         times={"layer compute": compute, "layer TP collectives": tp, "slowest stage (per micro-batch)": max(stages),
                "pipeline transfers per micro-batch": p2p, "pipeline ((m − 1)·slowest + Σ stages)": pipe,
+               "bf16 accumulation (slowest stage, per micro-batch)": max(accumulate),
                "DP exchange (exposed)": dp, "tied-embedding all-reduce": tied, "optimizer step": optimizer,
                "step": step},
         tflops=tflops, tokens_per_s_per_gpu=global_batch * s / step / inp.gpus,
@@ -264,6 +286,11 @@ def assumptions(inp: ProjectionInputs, proj: Projection) -> list:
          "LayerNorm, dropout and residual work repeated on every TP rank"),
         ("dropout", "on" if inp.dropout else "off", ""),
         ("precision", inp.precision, f"DP traffic {DP_BYTES_PER_PARAM[inp.precision]:g} B/param at ZeRO 0/1"),
+        ("bf16 gradient accumulation", inp.grad_accumulation if inp.precision == "bf16" else "n/a",
+         {"separate": f"a pass after every micro-batch, {ACCUMULATION_BYTES_PER_PARAM} B/param + a launch per tensor",
+          "immediate": f"in backward hooks, {ACCUMULATION_BYTES_PER_PARAM} B/param, bf16 gradient freed",
+          "fused": "inside the weight-gradient GEMM (Megatron + APEX; not opt_ds)"}[inp.grad_accumulation]
+         if inp.precision == "bf16" else ""),
         ("peak", f"{hw.peak_tflops:g} TFLOP/s", hw.why.get("peak_tflops", "")),
         ("per-layer compute", layer, "one decoder layer's TP shard, one micro-batch, fwd+bwd"
          + {"full": " + recomputed fwd", "selective": " + recomputed attention", "none": ""}[inp.recompute]),
@@ -317,10 +344,10 @@ def format_projection(proj: Projection, sensitivity_rows: Optional[list] = None)
     out.append(f"  {'tokens/s per GPU':<32} {proj.tokens_per_s_per_gpu:9.1f}")
     if sensitivity_rows:
         out += ["", "Sensitivity (one assumption changed at a time)",
-                f"  {'change':<52} {'hw TFLOP/s':>10} {'model':>7} {'Δ hw':>7}"]
+                f"  {'change':<52} {'hw TFLOP/s':>10} {'model':>7} {'Δ hw':>7} {'GiB/GPU':>8}"]
         for label, p in sensitivity_rows:
             out.append(f"  {label:<52} {p.hardware_tflops:10.1f} {p.model_tflops:7.1f} "
-                       f"{p.hardware_tflops / proj.hardware_tflops - 1:+7.1%}")
+                       f"{p.hardware_tflops / proj.hardware_tflops - 1:+7.1%} {estimate_memory(p.inputs).total_gib:8.1f}")
     return "\n".join(out)
 
 
@@ -345,6 +372,9 @@ def sensitivity(inp: ProjectionInputs) -> list:
         ("selective recompute", inp.replace(recompute="selective")),
         ("no activation recompute", inp.replace(recompute="none")),
     ]
+    if inp.precision == "bf16":
+        variants += [(f"bf16 accumulation {mode}", inp.replace(grad_accumulation=mode))
+                     for mode in GRAD_ACCUMULATION if mode != inp.grad_accumulation]
     for pp in (2, 1):
         if pp != inp.pipeline and inp.gpus % (inp.tensor * pp) == 0:
             variants.append((f"PP={pp} (DP={inp.gpus // (inp.tensor * pp)})", inp.replace(pipeline=pp)))

@@ -43,7 +43,7 @@ def resolve_shape(model, spec, flag_model: str = "--project-model", default: str
 
 
 def add_projection_arguments(parser: argparse.ArgumentParser) -> None:
-    from opt_ds.bench.project import ATTENTION, PARTITIONS, PRECISION_BYTES, RECOMPUTE
+    from opt_ds.bench.project import ATTENTION, GRAD_ACCUMULATION, PARTITIONS, PRECISION_BYTES, RECOMPUTE
     from opt_ds.bench.published import RUNS
     proj = parser.add_argument_group("projection of a large run (see docs/bench.md; unset flags come from "
                                      "--project-run, else opt_ds running OPT-175B on 992 A100s)")
@@ -68,6 +68,8 @@ def add_projection_arguments(parser: argparse.ArgumentParser) -> None:
     proj.add_argument("--project-sequence-parallel", choices=tuple(SWITCHES))
     proj.add_argument("--project-dropout", choices=tuple(SWITCHES))
     proj.add_argument("--project-precision", choices=tuple(PRECISION_BYTES))
+    proj.add_argument("--project-grad-accumulation", choices=GRAD_ACCUMULATION,
+                      help="bf16: how fp32 gradients accumulate the bf16 ones (default immediate, opt_ds's)")
     proj.add_argument("--project-zero", type=int, choices=(0, 1, 3))
     proj.add_argument("--project-partition", choices=PARTITIONS)
     proj.add_argument("--layer-ms", type=float,
@@ -106,6 +108,7 @@ def projection_inputs_from(args):
                         ("project_pp", "pipeline"), ("project_micro_batch", "micro_batch"),
                         ("project_global_batch", "global_batch"), ("project_recompute", "recompute"),
                         ("project_attention", "attention"), ("project_precision", "precision"),
+                        ("project_grad_accumulation", "grad_accumulation"),
                         ("project_zero", "zero_stage"), ("project_partition", "partition"),
                         ("dp_overlap", "dp_overlap"), ("tp_overlap", "tp_overlap")):
         if getattr(args, flag, None) is not None:

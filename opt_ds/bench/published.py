@@ -60,6 +60,7 @@ RUNS = {r.name: r for r in [
         "bloom-176b",
         ProjectionInputs(shape=BLOOM_176B, model_name="BLOOM-176B", gpus=384, tensor=4, pipeline=12, micro_batch=2,
                          global_batch=2048, recompute="full", attention="unfused", dropout=False, precision="bf16",
+                         grad_accumulation="separate",
                          zero_stage=1, partition="layers+embedding", hardware=HARDWARE["a100-80gb-opa"]),
         150.0, "hardware",
         "BLOOM paper (arXiv 2211.05100) §3.4 / model card: ~150 TFLOP/s per GPU on 384 A100-80GB (48 nodes)",
@@ -102,6 +103,7 @@ def command_for(run) -> str:
         f"--project-recompute {inp.recompute}", f"--project-attention {inp.attention}",
         f"--project-sequence-parallel {'on' if inp.sequence_parallel else 'off'}",
         f"--project-dropout {'on' if inp.dropout else 'off'}", f"--project-precision {inp.precision}",
+        f"--project-grad-accumulation {inp.grad_accumulation}",
         f"--project-zero {inp.zero_stage}", f"--project-partition {inp.partition}",
         f"--project-hardware {hardware}"])
 

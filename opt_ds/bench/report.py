@@ -7,7 +7,6 @@ case, so an interrupted run keeps what it had measured.
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 from typing import Optional

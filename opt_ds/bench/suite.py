@@ -36,8 +36,10 @@ class SuiteOptions:
     command: str = ""
 
 
-def worker_env(nproc: int, tensor: int = 1) -> dict:
+def worker_env(nproc: int, tensor: int = 1, fused: bool = True) -> dict:
     env = dict(os.environ)
+    if not fused:
+        env["OPT_DS_FUSED"] = "0"       # opt_ds.models.fused: plain element-wise expressions
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env["PYTHONUNBUFFERED"] = "1"
@@ -78,7 +80,7 @@ class Suite:
             cmd = worker_command(job, case, impl, self.opts, result, extra)
             nproc = case.world_size if job == "case" else 1
             started = time.time()
-            output, code = self._run(cmd, worker_env(nproc, case.tensor if job == "case" else 1))
+            output, code = self._run(cmd, worker_env(nproc, case.tensor if job == "case" else 1, case.fused))
             with open(self.log, "a") as log:
                 log.write(f"\n===== {case.label()} / {impl} ({job}) rc={code} {time.time() - started:.1f}s\n"
                           f"$ {' '.join(cmd)}\n{output}")

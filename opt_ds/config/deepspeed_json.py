@@ -21,13 +21,21 @@ def deepspeed_config(run: RunConfig, gradient_accumulation_steps: int) -> dict:
         "fp16": {"enabled": prec.dtype == "fp16", "loss_scale": 0,
                  "initial_scale_power": prec.initial_scale_power, "loss_scale_window": prec.loss_scale_window,
                  "hysteresis": prec.hysteresis, "min_loss_scale": prec.min_loss_scale},
-        "bf16": {"enabled": prec.dtype == "bf16"},
-        "pipeline": {"activation_checkpoint_interval": run.parallel.activation_checkpoint_interval},
+        # immediate_grad_update: each bf16 gradient is added to its fp32 accumulator by a hook as soon as backward
+        # produces it (and freed), instead of a pass over every parameter after each micro-batch
+        "bf16": {"enabled": True, "immediate_grad_update": prec.grad_accumulation == "immediate"}
+        if prec.dtype == "bf16" else {"enabled": False},
+        "pipeline": {"activation_checkpoint_interval": run.parallel.full_recompute_interval()},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
     if prec.dtype == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if run.parallel.sequence_parallel and cfg.tensor > 1:
+        # DeepSpeed sends 1/TP of an activation per TP rank and all-gathers it on the next stage, assuming the
+        # TP ranks hold the same tensor; under sequence parallelism each holds its own part of the sequence,
+        # already 1/TP of the whole, and sends it as it is
+        ds["pipeline"].update(pipe_partitioned=False, grad_partitioned=False)
     return ds
 
 
@@ -39,7 +47,8 @@ _SOURCE_OF = {
     "gradient_clipping": "optimizer.clip_grad",
     "zero_optimization.stage": "parallel.zero_stage",
     "fp16.enabled": "precision.dtype", "bf16.enabled": "precision.dtype",
-    "pipeline.activation_checkpoint_interval": "parallel.activation_checkpoint_interval",
+    "bf16.immediate_grad_update": "precision.grad_accumulation",
+    "pipeline.activation_checkpoint_interval": "parallel.recompute / parallel.activation_checkpoint_interval",
 }
 
 

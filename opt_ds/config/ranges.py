@@ -122,6 +122,8 @@ RANGES = {
         "data": Unchecked("an int >= 1 or 'auto', checked with the world size in resolve.py"),
         "zero_stage": Range(0, 1, fix="DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"),
         "activation_checkpoint_interval": at_least(0, "decoder layers per recomputed block; 0 turns it off"),
+        "recompute": OneOf(("none", "selective", "full"),
+                           fix="selective recomputes only the attention core, full every decoder layer"),
     },
     BatchConfig: {
         "global_batch_size": at_least(1, "sequences per optimizer step, e.g. batch.global_batch_size=8"),
@@ -132,6 +134,7 @@ RANGES = {
     },
     PrecisionConfig: {
         "dtype": OneOf(("fp32", "bf16", "fp16")),
+        "grad_accumulation": OneOf(("immediate", "separate"), fix="DeepSpeed's bf16.immediate_grad_update on or off"),
         "initial_scale_power": Range(0, 64, fix="the fp16 loss scale starts at 2**power; DeepSpeed's default is 16"),
         "loss_scale_window": at_least(1, "steps without overflow before the fp16 scale grows, e.g. 1000"),
         "hysteresis": at_least(1, "overflows tolerated before the fp16 scale shrinks, e.g. 2"),

@@ -56,6 +56,14 @@ def resolve(run: RunConfig, world_size: Optional[int] = None) -> ResolvedConfig:
         raise ConfigError(f"model.num_layers {shape.num_layers} is fewer than parallel.pipeline {pp} stages; "
                           f"use at most {shape.num_layers} pipeline stages")
 
+    if par.recompute in ("none", "selective") and par.activation_checkpoint_interval > 0:
+        raise ConfigError(f"parallel.activation_checkpoint_interval {par.activation_checkpoint_interval} recomputes "
+                          f"whole decoder layers, but parallel.recompute is {par.recompute}; set "
+                          f"parallel.activation_checkpoint_interval=0 or parallel.recompute=full")
+    if par.sequence_parallel and tp > 1 and batch.seq_length % tp:
+        raise ConfigError(f"batch.seq_length {batch.seq_length} is not divisible by parallel.tensor {tp}, which "
+                          f"sequence parallelism splits it by; use a multiple of {tp} or "
+                          f"parallel.sequence_parallel=false")
     dp = _data_parallel_degree(par.data, tp, pp, world_size)
     micro, global_batch = batch.micro_batch_size, batch.global_batch_size
     if batch.gradient_accumulation_steps is not None:

@@ -74,8 +74,22 @@ class ParallelConfig:
     pipeline: int = 1                           # pipeline stages (DeepSpeed PipelineModule)
     data: Any = "auto"                          # an int, or "auto": whatever TP x PP leaves of the world
     zero_stage: int = 1                         # ZeRO stage over the data-parallel replicas: 0 or 1
-    activation_checkpoint_interval: int = 0     # decoder layers per checkpointed block; 0 = off
+    activation_checkpoint_interval: int = 0     # full recompute: decoder layers per checkpointed block; 0 = off
+    recompute: Optional[str] = None             # none | selective (attention core only) | full; null: full if the interval is set
+    sequence_parallel: bool = False             # TP > 1: norms, dropout and residual split along the sequence over TP ranks
     partition_method: str = DECODER_PARTITION_METHOD    # how DeepSpeed balances stages (regex on layer class names)
+
+    def recompute_mode(self) -> str:
+        """none | selective | full, with `recompute: null` read from activation_checkpoint_interval."""
+        if self.recompute is None:
+            return "full" if self.activation_checkpoint_interval > 0 else "none"
+        return self.recompute
+
+    def full_recompute_interval(self) -> int:
+        """Decoder layers per block DeepSpeed recomputes whole (its pipeline `activation_checkpoint_interval`)."""
+        if self.recompute_mode() != "full":
+            return 0
+        return self.activation_checkpoint_interval or 1
 
 
 @dataclass
@@ -89,6 +103,7 @@ class BatchConfig:
 @dataclass
 class PrecisionConfig:
     dtype: str = "fp32"                         # fp32 | bf16 | fp16
+    grad_accumulation: str = "immediate"        # bf16: immediate (fp32 += bf16 gradient in backward hooks) | separate (a pass per micro-batch)
     initial_scale_power: int = 16               # fp16 dynamic loss scaling
     loss_scale_window: int = 1000               # fp16: overflow-free steps before the loss scale doubles
     hysteresis: int = 2                         # fp16: overflows tolerated before the loss scale halves

@@ -31,10 +31,12 @@ class ModelFamily:
     first_decoder_layer: int        # index of decoder layer 0 in the pipeline layer list
     tied_embedding_key: str = ""    # DeepSpeed TiedLayerSpec key, "" when the head is untied
 
-    def layer_specs(self, shape, mp_config, tp_group=None) -> list:
+    def layer_specs(self, shape, mp_config, tp_group=None, recompute_attention=False) -> list:
+        """DeepSpeed LayerSpecs of the whole model. Decoder layers take and return [seq, batch, hidden]
+        (opt_ds.models.sequence); `recompute_attention`: selective recompute (opt_ds.models.attention)."""
         raise NotImplementedError
 
-    def decoder_layer(self, shape, mp_config, tp_group=None):
+    def decoder_layer(self, shape, mp_config, tp_group=None, recompute_attention=False):
         raise NotImplementedError
 
     def analytic_parameter_count(self, shape) -> int:

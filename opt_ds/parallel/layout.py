@@ -97,11 +97,12 @@ class ParallelLayout:
         from megatron.core import parallel_state
         return parallel_state.get_tensor_model_parallel_group()
 
-    def megatron_config(self, params_dtype=torch.float32):
+    def megatron_config(self, params_dtype=torch.float32, sequence_parallel: bool = False):
         """megatron-core's ModelParallelConfig for the TP layers of this layout.
 
         Weights are initialised on the CPU from the full (master) matrix and then split, so the initial
         model does not depend on the TP degree and the single-process run is a golden reference.
+        `sequence_parallel` (opt_ds.models.sequence) takes effect only with TP > 1.
         """
         from megatron.core import ModelParallelConfig
         return ModelParallelConfig(
@@ -112,7 +113,7 @@ class ParallelLayout:
             use_cpu_initialization=True,
             perform_initialization=True,
             gradient_accumulation_fusion=False,
-            sequence_parallel=False,
+            sequence_parallel=sequence_parallel and self.tensor > 1,
         )
 
 

@@ -2,6 +2,9 @@
 
 The layer list comes from the family (opt_ds.models.<family>.pipeline); its index is the `layer_XX` number
 of DeepSpeed's checkpoint files. Stages are balanced by counting decoder layers.
+
+Between the embedding and the head the activations are [seq, batch, hidden] (opt_ds.models.sequence); the
+head returns [batch, seq, vocab/TP] logits as a view of its [seq, batch, vocab/TP] result.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from megatron.core import tensor_parallel
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
 
 from opt_ds.models.family import DECODER_PARTITION_METHOD, family_of
+from opt_ds.models.sequence import sequence_parallel_parameters
 
 
 def final_layer_index(shape) -> int:
@@ -21,10 +25,15 @@ def final_layer_index(shape) -> int:
 
 
 def lm_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """Mean next-token cross-entropy over the unmasked tokens, from vocab-parallel logits."""
+    """Mean next-token cross-entropy over the unmasked tokens, from vocab-parallel logits [batch, seq, vocab/TP].
+
+    The logits are read in the head's own [seq, batch] order (no copy; the small targets are transposed
+    instead). megatron's cross-entropy makes the one fp32 buffer the loss needs (bf16/fp16 logits: an fp32
+    copy; fp32 logits: none) and works on it in place, keeping it as the softmax for backward; casting here
+    first would only move that copy."""
     targets, loss_mask = labels
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
-    loss_mask = loss_mask.to(losses.dtype)
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1), targets.transpose(0, 1).contiguous())
+    loss_mask = loss_mask.transpose(0, 1).to(losses.dtype)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 
 
@@ -44,12 +53,32 @@ def seed_all(seed: int) -> None:
     tracker.add("model-parallel-rng", seed + 2718 + get_tensor_model_parallel_rank())
 
 
+class DecoderPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule, whose tied-weight gradient reduction also sums the gradients of the
+    sequence-parallel parameters (norms, row-parallel biases) over the TP group.
+
+    DeepSpeed's engine all-reduces each (weight, group) that `get_tied_weights_and_groups` lists once per
+    step, after the last backward and before the data-parallel reduction, on the gradient the optimizer
+    reads (the fp32 accumulation under bf16): the one place such a reduction belongs, so it rides there."""
+
+    def get_tied_weights_and_groups(self):
+        tied = super().get_tied_weights_and_groups()
+        from megatron.core import parallel_state
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            return tied
+        group = parallel_state.get_tensor_model_parallel_group()
+        return tied + [(param, group) for param in sequence_parallel_parameters(self)]
+
+
 def build_pipeline(shape, layout, *, seed: int = 1234, activation_checkpoint_interval: int = 0,
-                   partition_method: str = DECODER_PARTITION_METHOD) -> PipelineModule:
-    """The PipelineModule of `shape`'s family for this process's stage. `layout.initialize()` must have run."""
+                   partition_method: str = DECODER_PARTITION_METHOD, recompute_attention: bool = False,
+                   sequence_parallel: bool = False) -> PipelineModule:
+    """The PipelineModule of `shape`'s family for this process's stage. `layout.initialize()` must have run.
+    `activation_checkpoint_interval` > 0: full recompute; `recompute_attention`: selective recompute."""
     family = family_of(shape)
-    return PipelineModule(
-        layers=family.layer_specs(shape, layout.megatron_config(), layout.tensor_group()),
+    return DecoderPipeline(
+        layers=family.layer_specs(shape, layout.megatron_config(sequence_parallel=sequence_parallel),
+                                  layout.tensor_group(), recompute_attention),
         topology=layout.topology(),
         loss_fn=lm_loss,
         seed_layers=True,

@@ -76,7 +76,9 @@ def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal:
     layout.initialize()
     run = cfg.run
     module = build_pipeline(cfg.shape, layout, seed=run.train.seed,
-                            activation_checkpoint_interval=run.parallel.activation_checkpoint_interval,
+                            activation_checkpoint_interval=run.parallel.full_recompute_interval(),
+                            recompute_attention=run.parallel.recompute_mode() == "selective",
+                            sequence_parallel=run.parallel.sequence_parallel,
                             partition_method=run.parallel.partition_method)
     if not for_training:
         config = {**cfg.deepspeed_config(), "zero_optimization": {"stage": 0}}

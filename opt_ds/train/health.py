@@ -20,7 +20,9 @@ the average. So just before the reduction every rank takes the norm of its local
 group all-gathers these scalars: ranks holding the same slice (same pipeline stage and TP rank) of different
 replicas see different data but the same model, so their norms agree to within sampling noise. A replica
 that is non-finite while the others are not, or off by more than `health.replica_norm_ratio`, names its rank
-and host. Cost: one pass over the local gradients and one all-gather of a float per step.
+and host. Cost: one fused norm over the local gradients (torch._foreach_norm, a few kernels however many
+parameters) and one all-gather of a float per step, both queued on the device without a host synchronisation:
+the norms are read to the host only after the step (`take`), when the loss has been read anyway.
 """
 from __future__ import annotations
 
@@ -187,7 +189,7 @@ class ReplicaNormProbe:
         self.engine = engine
         self.group = engine.grid.get_data_parallel_group()
         self.size = dist.get_world_size(group=self.group)
-        self.norms: Optional[list] = None
+        self.norms: Optional[list] = None      # device tensors until `take` reads them
         before_reduce_grads(engine, self.measure)
 
     def names(self) -> list:
@@ -200,15 +202,17 @@ class ReplicaNormProbe:
         return names
 
     def measure(self) -> None:
+        grads = [grad.detach() for grad in local_gradients(self.engine)]
         squares = torch.zeros((), dtype=torch.float32, device=device())
-        for grad in local_gradients(self.engine):
-            squares += grad.detach().float().pow(2).sum().to(squares.device)
+        if grads:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)     # fp32: an fp16 norm would overflow
+            squares = torch.stack([n.to(squares.device) for n in norms]).pow(2).sum()
         scale = getattr(self.engine.optimizer, "cur_scale", 1.0) if self.engine.fp16_enabled() else 1.0
         norm = (squares.sqrt() / scale).reshape(1)
         gathered = [torch.zeros_like(norm) for _ in range(self.size)]
         dist.all_gather(gathered, norm, group=self.group)
-        self.norms = [float(t.item()) for t in gathered]
+        self.norms = gathered
 
     def take(self) -> Optional[list]:
         norms, self.norms = self.norms, None
-        return norms
+        return None if norms is None else [float(t.item()) for t in norms]

@@ -14,13 +14,13 @@ class LlamaFamily(ModelFamily):
     first_decoder_layer = 1
     tied_embedding_key = ""
 
-    def layer_specs(self, shape, mp_config, tp_group=None) -> list:
+    def layer_specs(self, shape, mp_config, tp_group=None, recompute_attention=False) -> list:
         from opt_ds.models.llama.pipeline import layer_specs
-        return layer_specs(shape, mp_config, tp_group)
+        return layer_specs(shape, mp_config, tp_group, recompute_attention)
 
-    def decoder_layer(self, shape, mp_config, tp_group=None):
+    def decoder_layer(self, shape, mp_config, tp_group=None, recompute_attention=False):
         from opt_ds.models.llama.layers import LlamaDecoderLayer
-        return LlamaDecoderLayer(shape, mp_config, tp_group)
+        return LlamaDecoderLayer(shape, mp_config, tp_group, recompute_attention)
 
     def analytic_parameter_count(self, shape) -> int:
         return analytic_parameter_count(shape)

@@ -15,19 +15,23 @@ Tensor-parallel layout (a TP shard is a contiguous block of rows of the full mat
     stride attribute);
   * o_proj and down_proj are row-parallel.
 Rotary embeddings use Hugging Face's rotate-half convention (q·cos + rotate_half(q)·sin, frequencies
-theta^(-2i/d) repeated over the two halves). Attention is torch's scaled_dot_product_attention, causal.
+theta^(-2i/d) repeated over the two halves). Attention is opt_ds.models.attention (SDPA, causal, optional
+selective recompute); dropout + residual and SwiGLU go through opt_ds.models.fused. Decoder layers work on
+[seq, batch, hidden] (opt_ds.models.sequence); the embedding turns its output into that layout and the head
+turns the logits back to [batch, seq, vocab/TP].
 The init is LLaMA's (Hugging Face's LlamaPreTrainedModel): every matrix N(0, init_std), RMSNorm weights 1.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from opt_ds.models.attention import attention_core
+from opt_ds.models.fused import bias_dropout_add, swiglu
 from opt_ds.models.llama.shape import LlamaShape
+from opt_ds.models.sequence import mark_sequence_parallel, to_decoder_layout
 
 
 def _normal(std: float):
@@ -75,14 +79,16 @@ class LlamaTokenEmbedding(nn.Module):
         self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
             shape.vocab_size, shape.hidden_size, init_method=_normal(shape.init_std), config=mp_config,
             tp_group=tp_group)
+        self.mp_config, self.tp_group = mp_config, tp_group
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        return to_decoder_layout(self.embed_tokens(input_ids), self.mp_config, self.tp_group)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, shape: LlamaShape, mp_config, tp_group=None):
+    def __init__(self, shape: LlamaShape, mp_config, tp_group=None, recompute_core: bool = False):
         super().__init__()
+        self.recompute_core = recompute_core
         tp = mp_config.tensor_model_parallel_size
         self.kv_per_rank = shape.kv_heads // tp
         self.group = shape.num_heads // shape.kv_heads
@@ -99,20 +105,20 @@ class LlamaAttention(nn.Module):
             tp_group=tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        qkv, _ = self.qkv(x)
-        qkv = qkv.view(batch, seq, self.kv_per_rank, self.group + 2, self.head_dim)
-        q = qkv[:, :, :, :self.group].reshape(batch, seq, self.kv_per_rank * self.group, self.head_dim)
-        k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))            # [batch, heads, seq, head_dim]
+        qkv, _ = self.qkv(x)                    # [seq, batch, qkv rows/TP], the whole sequence under SP
+        seq, batch = qkv.shape[:2]
+        qkv = qkv.view(seq, batch, self.kv_per_rank, self.group + 2, self.head_dim)
+        # one split (a single gradient cat in backward) instead of a select per tensor
+        q, k, v = qkv.split([self.group, 1, 1], dim=3)
+        q = q.reshape(seq, batch, self.kv_per_rank * self.group, self.head_dim)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k.squeeze(3), v.squeeze(3)))   # [batch, heads, seq, head_dim]
         cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta, x.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.group > 1:      # query head j reads kv head j // group, as Hugging Face's repeat_kv
             k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
         dropout = self.attention_dropout if self.training else 0.0
-        with get_cuda_rng_tracker().fork():
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        context = context.transpose(1, 2).reshape(batch, seq, -1)
+        context = attention_core(q, k, v, dropout, self.recompute_core)
+        context = context.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         out, _ = self.o_proj(context)
         return out
 
@@ -131,29 +137,29 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.down_proj(F.silu(gate) * up)
+        out, _ = self.down_proj(swiglu(gate_up))
         return out
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape, mp_config, tp_group=None):
+    def __init__(self, shape: LlamaShape, mp_config, tp_group=None, recompute_attention: bool = False):
         super().__init__()
         self.dropout = shape.dropout
-        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = LlamaAttention(shape, mp_config, tp_group)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.input_layernorm = mark_sequence_parallel(RMSNorm(shape.hidden_size, shape.rms_norm_eps), mp_config)
+        self.self_attn = LlamaAttention(shape, mp_config, tp_group, recompute_attention)
+        self.post_attention_layernorm = mark_sequence_parallel(
+            RMSNorm(shape.hidden_size, shape.rms_norm_eps), mp_config)
         self.mlp = LlamaMLP(shape, mp_config, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.self_attn(self.input_layernorm(x)), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
+        x = bias_dropout_add(self.self_attn(self.input_layernorm(x)), None, x, self.dropout, self.training)
+        return bias_dropout_add(self.mlp(self.post_attention_layernorm(x)), None, x, self.dropout, self.training)
 
 
 class LlamaFinalNorm(nn.Module):
-    def __init__(self, shape: LlamaShape):
+    def __init__(self, shape: LlamaShape, mp_config):
         super().__init__()
-        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.norm = mark_sequence_parallel(RMSNorm(shape.hidden_size, shape.rms_norm_eps), mp_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -168,5 +174,5 @@ class LlamaOutputHead(nn.Module):
         self.lm_head.vocab_parallel_output = True     # rows are the vocabulary (universal checkpoints)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.lm_head(x)
-        return logits
+        logits, _ = self.lm_head(x)             # under SP the column-parallel head gathers the sequence itself
+        return logits.transpose(0, 1)

@@ -13,10 +13,11 @@ from opt_ds.models.llama.layers import LlamaDecoderLayer, LlamaFinalNorm, LlamaO
 from opt_ds.models.llama.shape import LlamaShape
 
 
-def layer_specs(shape: LlamaShape, mp_config, tp_group=None) -> list:
+def layer_specs(shape: LlamaShape, mp_config, tp_group=None, recompute_attention: bool = False) -> list:
     return [
         LayerSpec(LlamaTokenEmbedding, shape, mp_config, tp_group),
-        *[LayerSpec(LlamaDecoderLayer, shape, mp_config, tp_group) for _ in range(shape.num_layers)],
-        LayerSpec(LlamaFinalNorm, shape),
+        *[LayerSpec(LlamaDecoderLayer, shape, mp_config, tp_group, recompute_attention)
+          for _ in range(shape.num_layers)],
+        LayerSpec(LlamaFinalNorm, shape, mp_config),
         LayerSpec(LlamaOutputHead, shape, mp_config, tp_group),
     ]

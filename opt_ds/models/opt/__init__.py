@@ -13,13 +13,13 @@ class OPTFamily(ModelFamily):
     first_decoder_layer = 2
     tied_embedding_key = "embed"
 
-    def layer_specs(self, shape, mp_config, tp_group=None) -> list:
+    def layer_specs(self, shape, mp_config, tp_group=None, recompute_attention=False) -> list:
         from opt_ds.models.opt.pipeline import layer_specs
-        return layer_specs(shape, mp_config, tp_group)
+        return layer_specs(shape, mp_config, tp_group, recompute_attention)
 
-    def decoder_layer(self, shape, mp_config, tp_group=None):
+    def decoder_layer(self, shape, mp_config, tp_group=None, recompute_attention=False):
         from opt_ds.models.opt.layers import OPTDecoderLayer
-        return OPTDecoderLayer(shape, mp_config, tp_group)
+        return OPTDecoderLayer(shape, mp_config, tp_group, recompute_attention)
 
     def analytic_parameter_count(self, shape) -> int:
         return analytic_parameter_count(shape)

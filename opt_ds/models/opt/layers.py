@@ -7,7 +7,10 @@ The model is cut into the pieces a pipeline stage can own:
     OPTDecoderLayer     pre-LN (or post-LN for opt-350m) attention + ReLU MLP, TP-split
     OPTFinalLayer       final LayerNorm (pre-LN models) and project_out (opt-350m)
 
-Attention runs through torch's scaled_dot_product_attention (flash kernels on GPU). Fused QKV rows are
+Decoder layers work on [seq, batch, hidden] (opt_ds.models.sequence: the layout of megatron's sequence
+parallelism); OPTPositions turns the embeddings into it and the head turns the logits back to
+[batch, seq, vocab/TP]. Attention runs through opt_ds.models.attention (SDPA, flash kernels on GPU, optional
+selective recompute); bias, dropout, residual and ReLU go through opt_ds.models.fused. Fused QKV rows are
 ordered per head `[q_h, k_h, v_h]` (Megatron's `[np, 3, hn]`), so a TP shard is a contiguous slice of the
 full matrix and resharding is a plain chunk/cat on dim 0.
 
@@ -24,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from opt_ds.models.attention import attention_core
+from opt_ds.models.fused import bias_dropout_add, bias_relu
 from opt_ds.models.opt.shape import OPTShape, PAD_ID, POSITION_OFFSET
+from opt_ds.models.sequence import mark_sequence_parallel, to_decoder_layout, to_vocab_parallel_head
 
 
 def normal_init(std: float):
@@ -63,22 +68,26 @@ class OPTTokenEmbedding(nn.Module):
         self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
             shape.vocab_size, shape.embed_dim,
             init_method=_zero_padding_row(normal_init(shape.init_std)), config=mp_config, tp_group=tp_group)
+        self.mp_config = mp_config
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
 
 def lm_logits(embedding: OPTTokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    """Tied output head: logits for this TP rank's slice of the vocabulary, [batch, seq, vocab/TP]."""
-    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=embedding.word_embeddings.tp_group)
-    return F.linear(hidden, embedding.word_embeddings.weight)
+    """Tied output head: logits for this TP rank's slice of the vocabulary, [batch, seq, vocab/TP] (a view of
+    the [seq, batch, vocab/TP] result)."""
+    hidden = to_vocab_parallel_head(hidden, embedding.mp_config, embedding.word_embeddings.tp_group)
+    return F.linear(hidden, embedding.word_embeddings.weight).transpose(0, 1)
 
 
 class OPTPositions(nn.Module):
-    """Adds learned absolute positions (rows 2.. of a table of max_positions + 2) to the embeddings."""
+    """Adds learned absolute positions (rows 2.. of a table of max_positions + 2) to the embeddings, and hands
+    them to the decoder layers as [seq, batch, hidden] (this rank's part of the sequence under SP)."""
 
-    def __init__(self, shape: OPTShape):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
         super().__init__()
+        self.mp_config, self.tp_group = mp_config, tp_group
         self.project_in = nn.Linear(shape.embed_dim, shape.hidden_size, bias=False) \
             if shape.has_projections else None
         self.embed_positions = nn.Embedding(shape.max_position_embeddings + POSITION_OFFSET, shape.hidden_size)
@@ -94,12 +103,16 @@ class OPTPositions(nn.Module):
             embeddings = self.project_in(embeddings)
         seq_len = embeddings.shape[1]
         positions = torch.arange(POSITION_OFFSET, seq_len + POSITION_OFFSET, device=embeddings.device)
-        return embeddings + self.embed_positions(positions).to(embeddings.dtype)
+        embeddings = embeddings + self.embed_positions(positions).to(embeddings.dtype)
+        return to_decoder_layout(embeddings, self.mp_config, self.tp_group)
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
+    """Returns the output projection without its bias, which the caller adds fused with dropout and residual."""
+
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None, recompute_core: bool = False):
         super().__init__()
+        self.recompute_core = recompute_core
         self.heads_per_rank = shape.num_heads // mp_config.tensor_model_parallel_size
         self.head_dim = shape.head_dim
         self.attention_dropout = shape.attention_dropout
@@ -109,20 +122,18 @@ class OPTAttention(nn.Module):
         self.out_proj = tensor_parallel.RowParallelLinear(
             shape.hidden_size, shape.hidden_size, config=mp_config,
             init_method=normal_init(output_projection_std(shape)), bias=True,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        qkv, _ = self.qkv(x)
-        qkv = qkv.view(batch, seq, self.heads_per_rank, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))    # [batch, heads, seq, head_dim]
+    def forward(self, x: torch.Tensor):
+        qkv, _ = self.qkv(x)                    # [seq, batch, 3·hidden/TP], the whole sequence under SP
+        seq, batch = qkv.shape[:2]
+        # unbind: one stacked gradient in backward (a select per tensor zero-fills a full-size one each)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in qkv.view(seq, batch, self.heads_per_rank, 3, self.head_dim)
+                   .unbind(3))                  # [batch, heads, seq, head_dim]
         dropout = self.attention_dropout if self.training else 0.0
-        # The heads of different TP ranks are different heads: draw their dropout from the TP-rank RNG.
-        with get_cuda_rng_tracker().fork():
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        context = context.transpose(1, 2).reshape(batch, seq, self.heads_per_rank * self.head_dim)
-        out, _ = self.out_proj(context)
-        return out
+        context = attention_core(q, k, v, dropout, self.recompute_core)
+        context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_per_rank * self.head_dim)
+        return self.out_proj(context)
 
 
 class OPTMLP(nn.Module):
@@ -130,34 +141,39 @@ class OPTMLP(nn.Module):
         super().__init__()
         self.fc1 = tensor_parallel.ColumnParallelLinear(
             shape.hidden_size, shape.ffn_hidden_size, config=mp_config,
-            init_method=normal_init(shape.init_std), bias=True, gather_output=False, tp_group=tp_group)
+            init_method=normal_init(shape.init_std), bias=True, gather_output=False, skip_bias_add=True,
+            tp_group=tp_group)
         self.fc2 = tensor_parallel.RowParallelLinear(
             shape.ffn_hidden_size, shape.hidden_size, config=mp_config,
             init_method=normal_init(output_projection_std(shape)), bias=True,
-            input_is_parallel=True, skip_bias_add=False, tp_group=tp_group)
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.fc1(x)
-        out, _ = self.fc2(F.relu(hidden))
-        return out
+    def forward(self, x: torch.Tensor):
+        """fc2's output and bias (added by the caller, fused with dropout and residual)."""
+        hidden, bias = self.fc1(x)
+        return self.fc2(bias_relu(hidden, bias))
 
 
 class OPTDecoderLayer(nn.Module):
     """One transformer block. Pre-LN: x + f(LN(x)); post-LN (opt-350m): LN(x + f(x))."""
 
-    def __init__(self, shape: OPTShape, mp_config, tp_group=None):
+    def __init__(self, shape: OPTShape, mp_config, tp_group=None, recompute_attention: bool = False):
         super().__init__()
         self.pre_layer_norm = shape.pre_layer_norm
         self.dropout = shape.dropout
-        self.self_attn_layer_norm = _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps))
-        self.self_attn = OPTAttention(shape, mp_config, tp_group)
-        self.final_layer_norm = _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps))
+        self.self_attn_layer_norm = mark_sequence_parallel(
+            _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps)), mp_config)
+        self.self_attn = OPTAttention(shape, mp_config, tp_group, recompute_attention)
+        self.final_layer_norm = mark_sequence_parallel(
+            _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps)), mp_config)
         self.mlp = OPTMLP(shape, mp_config, tp_group)
 
     def _residual(self, x, norm, sublayer):
         if self.pre_layer_norm:
-            return x + F.dropout(sublayer(norm(x)), self.dropout, self.training)
-        return norm(x + F.dropout(sublayer(x), self.dropout, self.training))
+            out, bias = sublayer(norm(x))
+            return bias_dropout_add(out, bias, x, self.dropout, self.training)
+        out, bias = sublayer(x)
+        return norm(bias_dropout_add(out, bias, x, self.dropout, self.training))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._residual(x, self.self_attn_layer_norm, self.self_attn)
@@ -167,7 +183,7 @@ class OPTDecoderLayer(nn.Module):
 class OPTFinalLayer(nn.Module):
     """Final LayerNorm (pre-LN models only) and project_out back to the embedding width (opt-350m)."""
 
-    def __init__(self, shape: OPTShape):
+    def __init__(self, shape: OPTShape, mp_config):
         super().__init__()
         self.final_layer_norm = _init_layer_norm(nn.LayerNorm(shape.hidden_size, eps=shape.layer_norm_eps)) \
             if shape.has_final_layer_norm else None
@@ -176,6 +192,7 @@ class OPTFinalLayer(nn.Module):
         if self.project_out is not None:
             with torch.no_grad():
                 normal_init(shape.init_std)(self.project_out.weight)
+        mark_sequence_parallel(self, mp_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_layer_norm is not None:

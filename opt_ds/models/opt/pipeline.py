@@ -21,13 +21,13 @@ TIED_WEIGHT = "word_embeddings.weight"
 FIRST_DECODER_LAYER = 2
 
 
-def layer_specs(shape: OPTShape, mp_config, tp_group=None) -> list:
+def layer_specs(shape: OPTShape, mp_config, tp_group=None, recompute_attention: bool = False) -> list:
     return [
         TiedLayerSpec(TIED_EMBEDDING_KEY, OPTTokenEmbedding, shape, mp_config, tp_group,
                       tied_weight_attr=[TIED_WEIGHT]),
-        LayerSpec(OPTPositions, shape),
-        *[LayerSpec(OPTDecoderLayer, shape, mp_config, tp_group) for _ in range(shape.num_layers)],
-        LayerSpec(OPTFinalLayer, shape),
+        LayerSpec(OPTPositions, shape, mp_config, tp_group),
+        *[LayerSpec(OPTDecoderLayer, shape, mp_config, tp_group, recompute_attention) for _ in range(shape.num_layers)],
+        LayerSpec(OPTFinalLayer, shape, mp_config),
         TiedLayerSpec(TIED_EMBEDDING_KEY, OPTTokenEmbedding, shape, mp_config, tp_group,
                       forward_fn=lm_logits, tied_weight_attr=[TIED_WEIGHT]),
     ]
