@@ -113,6 +113,12 @@ case("vocab-not-divisible-by-tp", lambda t, r: config("parallel.tensor=2", "mode
      "model.vocab_size 511 is not divisible by parallel.tensor 2", "pad the vocabulary")
 case("fewer-layers-than-stages", lambda t, r: config("parallel.pipeline=8", world_size=8),
      "model.num_layers 4 is fewer than parallel.pipeline 8 stages", "use at most 4 pipeline stages")
+case("layer-recompute-without-full", lambda t, r: config("parallel.recompute=selective",
+                                                          "parallel.activation_checkpoint_interval=2"),
+     "recomputes whole decoder layers, but parallel.recompute is selective", "parallel.recompute=full")
+case("sequence-parallel-seq-not-divisible", lambda t, r: config("parallel.tensor=2", "parallel.sequence_parallel=true",
+                                                                "batch.seq_length=33", world_size=2),
+     "batch.seq_length 33 is not divisible by parallel.tensor 2", "parallel.sequence_parallel=false")
 case("batch-arithmetic", lambda t, r: config("batch.gradient_accumulation_steps=3", world_size=2),
      "global_batch_size 8 != micro_batch_size 2 x gradient_accumulation_steps 3", "drop gradient_accumulation_steps")
 case("batch-not-multiple", lambda t, r: config(world_size=3),

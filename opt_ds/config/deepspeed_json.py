@@ -31,7 +31,7 @@ def deepspeed_config(run: RunConfig, gradient_accumulation_steps: int) -> dict:
     }
     if prec.dtype == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    if run.parallel.sequence_parallel and cfg.tensor > 1:
+    if run.parallel.sequence_parallel and run.parallel.tensor > 1:
         # DeepSpeed sends 1/TP of an activation per TP rank and all-gathers it on the next stage, assuming the
         # TP ranks hold the same tensor; under sequence parallelism each holds its own part of the sequence,
         # already 1/TP of the whole, and sends it as it is
