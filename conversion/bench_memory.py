@@ -27,6 +27,7 @@ import torch
 
 from conversion import canonical as C
 from conversion.canonical import Checkpoint
+from opt_ds.ports import without_rendezvous
 
 # (target, options): the conversions measured for every model
 TARGETS = (("opt_ds", {"to": "opt_ds", "tp": 4, "pp": 2}), ("metaseq", {"to": "metaseq", "tp": 4}),
@@ -61,7 +62,7 @@ def measure(src: Path, dst: Path, options: dict, timeout: float = 3600) -> dict:
     """Convert in a fresh process: {"exit", "wall_s", "peak_bytes" (beyond the imports), "base_bytes"}."""
     out = subprocess.run([sys.executable, "-m", "conversion.bench_memory", "--child", str(src), str(dst),
                           json.dumps(options)], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **MALLOC_ENV})
+                         env={**without_rendezvous(os.environ), **MALLOC_ENV})
     if out.returncode != 0:
         raise RuntimeError(f"conversion {options} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,14 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from opt_ds.ports import without_rendezvous
+
 REPO = Path(__file__).resolve().parent.parent
-_DISTRIBUTED_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"}
 
 
 def child_env(**extra) -> dict:
     # A test process that initialised its own one-rank world must not hand its rendezvous to children.
-    env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_VARS}
+    env = without_rendezvous(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OMP_NUM_THREADS"] = "1"
     # Scripts that call `opt-ds` (launchers/*.sh) must find the one installed beside this interpreter.

@@ -23,6 +23,7 @@ from opt_ds.bench.cases import BenchCase
 from opt_ds.durable import write_atomically
 from opt_ds.bench.metrics import add_peer_ratios, classify_failure, derive
 from opt_ds.bench.provenance import REPO_ROOT, git_commit, versions
+from opt_ds.ports import without_rendezvous
 
 
 @dataclass
@@ -37,7 +38,7 @@ class SuiteOptions:
 
 
 def worker_env(nproc: int, tensor: int = 1, fused: bool = True) -> dict:
-    env = dict(os.environ)
+    env = without_rendezvous(os.environ)     # a worker starts its own world (torchrun's, or one process)
     if not fused:
         env["OPT_DS_FUSED"] = "0"       # opt_ds.models.fused: plain element-wise expressions
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
