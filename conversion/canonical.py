@@ -2,10 +2,10 @@
 
 A `Checkpoint` is the full (unsharded) model: a model family's shape plus tensors named as in Hugging
 Face's model of that family (OPT: `OPTForCausalLM`'s `model.decoder.*`, no `lm_head`: the head is tied to
-`embed_tokens`; LLaMA: `LlamaForCausalLM`, see conversion.llama), on the CPU, with the vocabulary at its
-true size (TP padding removed). Readers build one from files; writers
-take one. Tensors are produced lazily, one decoder layer at a time, so converting a large model needs
-about one layer of memory beyond what the formats force (a metaseq MP part is one pickle).
+`embed_tokens`, see conversion.opt; LLaMA: `LlamaForCausalLM`, see conversion.llama), on the CPU, with the
+vocabulary at its true size (TP padding removed). Readers build one from files; writers take one. Tensors are
+produced lazily, one decoder layer at a time, so converting a large model needs about one layer of memory
+beyond what the formats force (a metaseq MP part is one pickle).
 """
 from __future__ import annotations
 
@@ -15,29 +15,13 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from opt_ds.models.presets import POSITION_OFFSET, OPTShape
-
 from conversion.families import names_of
 from conversion.files import ConversionError
 
-PREFIX = "model.decoder."
-EMBED_TOKENS = PREFIX + "embed_tokens.weight"
-EMBED_POSITIONS = PREFIX + "embed_positions.weight"
-PROJECT_IN = PREFIX + "project_in.weight"
-PROJECT_OUT = PREFIX + "project_out.weight"
-FINAL_NORM_WEIGHT = PREFIX + "final_layer_norm.weight"
-FINAL_NORM_BIAS = PREFIX + "final_layer_norm.bias"
 
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
-LAYER_NAMES = tuple(
-    [f"self_attn.{p}.{w}" for p in (*ATTENTION_INPUTS, "out_proj") for w in ("weight", "bias")]
-    + [f"{n}.{w}" for n in ("self_attn_layer_norm", "fc1", "fc2", "final_layer_norm") for w in ("weight", "bias")])
-
-
-def layer_key(layer: int, name: str, shape=None) -> str:
-    """Canonical key of tensor `name` of decoder layer `layer` (OPT's naming unless a shape says otherwise)."""
-    prefix = names_of(shape).layer_prefix if shape is not None else PREFIX + "layers."
-    return f"{prefix}{layer}.{name}"
+def layer_key(layer: int, name: str, shape) -> str:
+    """Canonical key of tensor `name` of decoder layer `layer` of a model of this shape."""
+    return f"{names_of(shape).layer_prefix}{layer}.{name}"
 
 
 def layer_shapes(shape) -> Dict[str, tuple]:
@@ -50,31 +34,6 @@ def global_shapes(shape) -> Dict[str, tuple]:
 
 def describe_shape(shape) -> str:
     return names_of(shape).describe(shape)
-
-
-def opt_layer_shapes(shape: OPTShape) -> Dict[str, tuple]:
-    """Shapes of one decoder layer's tensors, by name inside the layer."""
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    shapes = {f"self_attn.{p}.weight": (h, h) for p in (*ATTENTION_INPUTS, "out_proj")}
-    shapes.update({f"self_attn.{p}.bias": (h,) for p in (*ATTENTION_INPUTS, "out_proj")})
-    shapes.update({"self_attn_layer_norm.weight": (h,), "self_attn_layer_norm.bias": (h,),
-                   "final_layer_norm.weight": (h,), "final_layer_norm.bias": (h,),
-                   "fc1.weight": (f, h), "fc1.bias": (f,), "fc2.weight": (h, f), "fc2.bias": (h,)})
-    return shapes
-
-
-def opt_global_shapes(shape: OPTShape) -> Dict[str, tuple]:
-    """Shapes of the tensors outside the decoder layers (embeddings, projections, final LayerNorm)."""
-    h, e = shape.hidden_size, shape.embed_dim
-    shapes = {EMBED_TOKENS: (shape.vocab_size, e),
-              EMBED_POSITIONS: (shape.max_position_embeddings + POSITION_OFFSET, h)}
-    if shape.has_projections:
-        shapes[PROJECT_IN] = (h, e)
-        shapes[PROJECT_OUT] = (e, h)
-    if shape.has_final_layer_norm:
-        shapes[FINAL_NORM_WEIGHT] = (h,)
-        shapes[FINAL_NORM_BIAS] = (h,)
-    return shapes
 
 
 def expected_shapes(shape) -> Dict[str, tuple]:
@@ -170,11 +129,3 @@ def check_shapes(found: Dict[str, tuple], shape, origin: str) -> None:
 def _some(items, limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def opt_describe_shape(shape: OPTShape) -> str:
-    text = (f"{shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads, "
-            f"ffn {shape.ffn_hidden_size}, vocab {shape.vocab_size}, positions {shape.max_position_embeddings}")
-    if shape.has_projections:
-        text += f", word_embed_proj_dim {shape.embed_dim}"
-    return text + (", pre-LN" if shape.pre_layer_norm else ", post-LN")

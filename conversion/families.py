@@ -1,6 +1,7 @@
 """What the converters need to know of each model family, in one table: the canonical (Hugging Face) tensor
-names and shapes, and how they map onto opt_ds's pipeline layer states. The formats (hf, opt_ds, universal,
-verify) look the family of a shape up here rather than testing its name.
+names and shapes, and how they map onto opt_ds's pipeline layer states, gathered from the family modules
+(conversion.opt, conversion.llama). The formats (hf, opt_ds, universal, verify) look the family of a shape up
+here rather than testing its name; the family modules never import this module or a format.
 """
 from __future__ import annotations
 
@@ -31,18 +32,11 @@ class FamilyNames:
 
 
 def _opt() -> FamilyNames:
-    from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID
-    from conversion import canonical as C
-    from conversion import hf as H
-    from conversion import opt_ds_format as O
-    from conversion import verify as V
-    return FamilyNames(C.PREFIX + "layers.", C.opt_layer_shapes, C.opt_global_shapes, C.opt_describe_shape,
-                       O.GLOBAL_NAMES, O.opt_layer_roles, (C.EMBED_TOKENS,),
-                       lambda layer, shape: O.decoder_to_opt_ds(layer, shape.num_heads),
-                       lambda state, shape: O.decoder_from_opt_ds(state, shape.num_heads),
-                       "opt", H.opt_shape_from_config, H.opt_config_from_shape,
-                       {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, True,
-                       V.opt_hf_reference, "OPTForCausalLM")
+    from conversion import opt as O
+    return FamilyNames(O.LAYER_PREFIX, O.layer_shapes, O.global_shapes, O.describe_shape, O.GLOBAL_NAMES,
+                       O.layer_roles, O.VOCAB_KEYS, O.decoder_to_opt_ds, O.decoder_from_opt_ds,
+                       "opt", O.shape_from_config, O.config_from_shape, O.SPECIAL_IDS, True, O.hf_reference,
+                       "OPTForCausalLM")
 
 
 def _llama() -> FamilyNames:

@@ -1,7 +1,7 @@
 """Hugging Face OPT and LLaMA directories: `config.json` + safetensors (single or sharded) or pytorch_model.bin.
 
 The family comes from config.json's model_type; its names and config live in conversion.families (OPT's
-here, LLaMA's in conversion.llama, whose head is untied: `lm_head.weight` is a tensor of its own).
+in conversion.opt, LLaMA's in conversion.llama, whose head is untied: `lm_head.weight` is a tensor of its own).
 
 Reading accepts what circulates (HF #43159, TGI #2197, PiPPy PR #779): keys with the `model.` prefix
 (OPTForCausalLM) or without it (OPTModel, as HF's own metaseq converter saves), and `lm_head.weight`
@@ -21,26 +21,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-from opt_ds.models.presets import BOS_ID, EOS_ID, PAD_ID, OPTShape
-
 from conversion import canonical as C
+from conversion import opt as O
 from conversion.canonical import Checkpoint
 from conversion.families import names_for_hf_config, names_of
 from conversion.files import ConversionError, drop_file_pages, load_torch
+from conversion.hf_reference import LM_HEAD
 from conversion.progress import progress
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
-LM_HEAD = "lm_head.weight"
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-# The sizes an OPT config.json must give, and what each is (for the error messages).
-SIZE_KEYS = {"num_hidden_layers": "the number of decoder layers", "hidden_size": "the model width",
-             "num_attention_heads": "the attention heads per layer", "ffn_dim": "the MLP width",
-             "vocab_size": "the vocabulary size", "max_position_embeddings": "the longest sequence"}
-
-
-# --- config.json <-> OPTShape --------------------------------------------------------------------------
+# --- config.json <-> shape -----------------------------------------------------------------------------
 
 def shape_from_config(config: dict, where: str):
     return names_for_hf_config(config, where).hf_shape_from_config(config, where)
@@ -48,51 +40,6 @@ def shape_from_config(config: dict, where: str):
 
 def config_from_shape(shape, dtype: torch.dtype) -> dict:
     return names_of(shape).hf_config_from_shape(shape, dtype)
-
-
-def opt_shape_from_config(config: dict, where: str) -> OPTShape:
-    unsupported = [(k, v, want) for k, want in (("activation_function", "relu"), ("enable_bias", True),
-                                                 ("layer_norm_elementwise_affine", True))
-                   if (v := config.get(k, want)) != want]
-    if config.get("do_layer_norm_before", True) and config.get("_remove_final_layer_norm", False):
-        unsupported.append(("_remove_final_layer_norm", True, False))
-    if unsupported:
-        raise ConversionError(f"{where}: {', '.join(f'{k}={v!r}' for k, v, _ in unsupported)} is not an OPT variant "
-                              f"opt_ds implements (it needs {', '.join(f'{k}={w!r}' for k, _, w in unsupported)})")
-    sizes = {key: config.get(key, config.get("d_model") if key == "hidden_size" else None) for key in SIZE_KEYS}
-    for key, value in sizes.items():
-        if key not in config and value is None:
-            raise ConversionError(f"{where}: config.json lacks {key!r} ({SIZE_KEYS[key]}); it is not a complete OPT "
-                                  "config: add it, or fetch config.json again from the model's source")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConversionError(f"{where}: config.json has {key}={value!r}, but {SIZE_KEYS[key]} must be a positive "
-                                  "integer: correct it, or fetch config.json again from the model's source")
-    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
-    if hidden % heads:
-        raise ConversionError(f"{where}: config.json has hidden_size={hidden}, not divisible by "
-                              f"num_attention_heads={heads}; correct one of them")
-    proj = config.get("word_embed_proj_dim") or hidden
-    return OPTShape(num_layers=sizes["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
-                    ffn_hidden_size=sizes["ffn_dim"], vocab_size=sizes["vocab_size"],
-                    max_position_embeddings=sizes["max_position_embeddings"],
-                    word_embed_proj_dim=proj if proj != hidden else None,
-                    pre_layer_norm=config.get("do_layer_norm_before", True),
-                    dropout=config.get("dropout", 0.1), attention_dropout=config.get("attention_dropout", 0.0),
-                    init_std=config.get("init_std", 0.02))
-
-
-def opt_config_from_shape(shape: OPTShape, dtype: torch.dtype) -> dict:
-    """config.json as transformers' OPTConfig writes it (readable by transformers 4.x and 5.x)."""
-    return {
-        "_remove_final_layer_norm": False, "activation_function": "relu", "architectures": ["OPTForCausalLM"],
-        "attention_dropout": shape.attention_dropout, "bos_token_id": BOS_ID, "do_layer_norm_before": shape.pre_layer_norm,
-        "dropout": shape.dropout, "enable_bias": True, "eos_token_id": EOS_ID, "ffn_dim": shape.ffn_hidden_size,
-        "hidden_size": shape.hidden_size, "init_std": shape.init_std, "layer_norm_elementwise_affine": True,
-        "layerdrop": 0.0, "max_position_embeddings": shape.max_position_embeddings, "model_type": "opt",
-        "num_attention_heads": shape.num_heads, "num_hidden_layers": shape.num_layers, "pad_token_id": PAD_ID,
-        "prefix": "</s>", "tie_word_embeddings": True, "torch_dtype": DTYPE_NAMES.get(dtype, "float32"),
-        "use_cache": True, "vocab_size": shape.vocab_size, "word_embed_proj_dim": shape.embed_dim,
-    }
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -192,7 +139,7 @@ class HFReader:
 
     def _check_tied_head(self):
         head = self.weights.get([LM_HEAD])[LM_HEAD]
-        embedding = self._read([C.EMBED_TOKENS])[C.EMBED_TOKENS] if C.EMBED_TOKENS in self.names else None
+        embedding = self._read([O.EMBED_TOKENS])[O.EMBED_TOKENS] if O.EMBED_TOKENS in self.names else None
         if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
             raise ConversionError(f"{self.directory}: lm_head.weight differs from the token embedding; OPT ties them "
                                   "and opt_ds has no separate output layer, so this model cannot convert")
@@ -225,7 +172,7 @@ def read(directory) -> Checkpoint:
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-HEAD_KEYS = (C.EMBED_TOKENS, C.EMBED_POSITIONS, C.PROJECT_IN)     # written before the decoder layers
+HEAD_KEYS = (O.EMBED_TOKENS, O.EMBED_POSITIONS, O.PROJECT_IN)     # written before the decoder layers
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:

@@ -11,12 +11,12 @@ import torch
 from opt_ds.models.llama.shape import LlamaShape
 
 from conversion.files import ConversionError
+from conversion.hf_reference import LM_HEAD, streamed_hf_model
 
 PREFIX = "model."
 LAYER_PREFIX = PREFIX + "layers."
 EMBED_TOKENS = PREFIX + "embed_tokens.weight"
 FINAL_NORM = PREFIX + "norm.weight"
-LM_HEAD = "lm_head.weight"
 VOCAB_KEYS = (EMBED_TOKENS, LM_HEAD)
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj")
 # Global canonical key -> (role of the opt_ds pipeline layer holding it, name inside that layer).
@@ -105,9 +105,8 @@ def hf_reference(ckpt):
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
-    from conversion.verify import streamed_hf_model
     config = LlamaConfig.from_dict({**config_from_shape(ckpt.shape, torch.float32), "attention_dropout": 0.0})
-    return streamed_hf_model(LlamaForCausalLM, config, ckpt, on_cpu=("model.rotary_emb",))
+    return streamed_hf_model(LlamaForCausalLM, config, ckpt, LAYER_PREFIX, on_cpu=("model.rotary_emb",))
 
 
 # --- canonical <-> opt_ds layer states --------------------------------------------------------------------

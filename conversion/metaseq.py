@@ -25,6 +25,7 @@ import torch
 from opt_ds.models.presets import OPTShape
 
 from conversion import canonical as C
+from conversion import opt as O
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, StreamedTorchFile, drop_file_pages, load_torch
 from conversion.progress import progress
@@ -34,12 +35,12 @@ PART_FILE = re.compile(r"^(?P<prefix>.+?)-model_part-(?P<part>\d+)(?:-shard(?P<s
 TIED_HEAD = "decoder.output_projection.weight"
 VERSION = "decoder.version"
 GLOBAL_KEYS = {
-    "decoder.embed_tokens.weight": C.EMBED_TOKENS,
-    "decoder.embed_positions.weight": C.EMBED_POSITIONS,
-    "decoder.project_in_dim.weight": C.PROJECT_IN,
-    "decoder.project_out_dim.weight": C.PROJECT_OUT,
-    "decoder.layer_norm.weight": C.FINAL_NORM_WEIGHT,
-    "decoder.layer_norm.bias": C.FINAL_NORM_BIAS,
+    "decoder.embed_tokens.weight": O.EMBED_TOKENS,
+    "decoder.embed_positions.weight": O.EMBED_POSITIONS,
+    "decoder.project_in_dim.weight": O.PROJECT_IN,
+    "decoder.project_out_dim.weight": O.PROJECT_OUT,
+    "decoder.layer_norm.weight": O.FINAL_NORM_WEIGHT,
+    "decoder.layer_norm.bias": O.FINAL_NORM_BIAS,
 }
 CANONICAL_TO_METASEQ = {v: k for k, v in GLOBAL_KEYS.items()}
 LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -262,9 +263,9 @@ class MetaseqReader:
     def read_globals(self, meta: bool = False) -> Dict[str, torch.Tensor]:
         keys = self.parts[0].shapes
         out = {canon: self._merged(key, split_dim(key), meta) for key, canon in GLOBAL_KEYS.items() if key in keys}
-        if TIED_HEAD in keys and not meta and C.EMBED_TOKENS in out:
+        if TIED_HEAD in keys and not meta and O.EMBED_TOKENS in out:
             head = self._merged(TIED_HEAD, 0, meta)
-            if head.shape != out[C.EMBED_TOKENS].shape or not torch.equal(head, out[C.EMBED_TOKENS]):
+            if head.shape != out[O.EMBED_TOKENS].shape or not torch.equal(head, out[O.EMBED_TOKENS]):
                 raise ConversionError(f"{self.where}: {TIED_HEAD} differs from decoder.embed_tokens.weight; OPT ties "
                                       "them and an untied output layer cannot convert")
         self._release()
@@ -299,7 +300,8 @@ class MetaseqReader:
                                   "checkpoint metaseq wrote (sinusoidal positions? another architecture?)")
         shapes = {k: tuple(v.shape) for k, v in self.read_globals(meta=True).items()}
         for layer in range(self.shape.num_layers):
-            shapes.update({C.layer_key(layer, n): tuple(v.shape) for n, v in self.read_layer(layer, meta=True).items()})
+            shapes.update({C.layer_key(layer, n, self.shape): tuple(v.shape)
+                           for n, v in self.read_layer(layer, meta=True).items()})
         fused = FUSED_QKV[0] in self.read_layer_names(0)
         sources = {key: self._describe(key, fused) for key in shapes}
         origin = f"metaseq checkpoint {self.where} ({len(self.parts)} MP part(s))"
@@ -329,9 +331,9 @@ def describe_location(key: str, parts: int, fused: bool, files: str) -> str:
     if key in CANONICAL_TO_METASEQ:
         name = CANONICAL_TO_METASEQ[key]
     else:
-        layer, rel = key[len(C.PREFIX + "layers."):].split(".", 1)
+        layer, rel = key[len(O.LAYER_PREFIX):].split(".", 1)
         name = f"decoder.layers.{layer}.{rel}"
-        if fused and rel.split(".")[1] in C.ATTENTION_INPUTS:
+        if fused and rel.split(".")[1] in O.ATTENTION_INPUTS:
             name = f"decoder.layers.{layer}.self_attn.qkv_proj.{rel.rsplit('.', 1)[1]} ({rel.split('.')[1][0]} block " \
                    "of each part's [K;V;Q])"
     dim = split_dim(name.split(" ")[0].replace("qkv_proj", "q_proj"))
@@ -390,12 +392,12 @@ def part_pieces(ckpt: Checkpoint, parts: int, fused: bool) -> Iterator[List[Dict
     the number of parts, and only one group is in memory."""
     take = lambda name, t: chunk(t, parts, split_dim(name)) if split_dim(name) is not None else [t] * parts  # noqa: E731
     globals_ = ckpt.globals()
-    embedding = globals_.pop(C.EMBED_TOKENS)
+    embedding = globals_.pop(O.EMBED_TOKENS)
     head = [{VERSION: torch.tensor([3.0], dtype=embedding.dtype)} for _ in range(parts)]
     for piece, part in zip(take("embed_tokens", embedding), head):
         part["decoder.embed_tokens.weight"] = piece
     del embedding
-    for key in (C.PROJECT_IN, C.EMBED_POSITIONS):
+    for key in (O.PROJECT_IN, O.EMBED_POSITIONS):
         if key in globals_:
             tensor = globals_.pop(key)
             for part in head:
@@ -407,12 +409,12 @@ def part_pieces(ckpt: Checkpoint, parts: int, fused: bool) -> Iterator[List[Dict
         prefix = f"decoder.layers.{layer}."
         pieces: List[Dict[str, torch.Tensor]] = [{} for _ in range(parts)]
         for kind in ("weight", "bias"):
-            qkv = [tensors[f"self_attn.{p}.{kind}"] for p in C.ATTENTION_INPUTS]
+            qkv = [tensors[f"self_attn.{p}.{kind}"] for p in O.ATTENTION_INPUTS]
             if fused:
                 for part, fused_qkv in zip(pieces, metaseq_kvq_parts(*qkv, parts)):
                     part[prefix + f"self_attn.qkv_proj.{kind}"] = fused_qkv
             else:
-                for p, t in zip(C.ATTENTION_INPUTS, qkv):
+                for p, t in zip(O.ATTENTION_INPUTS, qkv):
                     for part, piece in zip(pieces, take(p, t)):
                         part[prefix + f"self_attn.{p}.{kind}"] = piece
         for name in ("self_attn.out_proj.weight", "self_attn.out_proj.bias", "self_attn_layer_norm.weight",
@@ -423,7 +425,7 @@ def part_pieces(ckpt: Checkpoint, parts: int, fused: bool) -> Iterator[List[Dict
         del tensors
         yield pieces
         del pieces
-    yield [{CANONICAL_TO_METASEQ[key]: globals_[key] for key in (C.FINAL_NORM_WEIGHT, C.FINAL_NORM_BIAS, C.PROJECT_OUT)
+    yield [{CANONICAL_TO_METASEQ[key]: globals_[key] for key in (O.FINAL_NORM_WEIGHT, O.FINAL_NORM_BIAS, O.PROJECT_OUT)
             if key in globals_} for _ in range(parts)]
 
 

@@ -24,20 +24,19 @@ import torch
 from opt_ds.models.presets import OPTShape
 from opt_ds.train.contract import mp_rank_state, shape_from_client_state
 from opt_ds.models.family import family_of
-from opt_ds.parallel.pipe import final_layer_index, tensor_parallel_dims
+from opt_ds.parallel.pipe import tensor_parallel_dims
 
 from conversion import canonical as C
 from conversion.families import names_of
 from conversion.canonical import Checkpoint
 from conversion.files import ConversionError, load_torch, save_torch, tensor_headers
+from conversion.opt import ATTENTION_INPUTS, DECODER_RENAMES, EMBEDDING_INDEX, POSITIONS_INDEX
 from conversion.progress import progress
-from conversion.sharding import (check_same, chunk, fuse_qkv_per_head, merge_shards, pad_rows, padded_rows, split_full,
-                                 split_qkv_per_head)
+from conversion.sharding import check_same, chunk, merge_shards, pad_rows, padded_rows, split_full
 
 LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 MP_RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
-EMBEDDING_INDEX, POSITIONS_INDEX = 0, 1
 DEFAULT_TAG = "global_step0"
 
 
@@ -52,52 +51,8 @@ def layer_splits(shape) -> Dict[str, Tuple[int, int]]:
                    else name.split(".", 1)[1]] = (split.dim, split.stride)
     return splits
 
-# Decoder-layer tensors that keep their meaning, canonical (HF) name -> opt_ds name. q/k/v fuse into qkv.
-DECODER_RENAMES = {
-    "self_attn_layer_norm.weight": "self_attn_layer_norm.weight",
-    "self_attn_layer_norm.bias": "self_attn_layer_norm.bias",
-    "self_attn.out_proj.weight": "self_attn.out_proj.weight", "self_attn.out_proj.bias": "self_attn.out_proj.bias",
-    "final_layer_norm.weight": "final_layer_norm.weight", "final_layer_norm.bias": "final_layer_norm.bias",
-    "fc1.weight": "mlp.fc1.weight", "fc1.bias": "mlp.fc1.bias", "fc2.weight": "mlp.fc2.weight", "fc2.bias": "mlp.fc2.bias",
-}
-# Global canonical key -> (which layer file, name inside it).
-GLOBAL_NAMES = {
-    C.EMBED_TOKENS: ("embedding", "word_embeddings.weight"),
-    C.EMBED_POSITIONS: ("positions", "embed_positions.weight"),
-    C.PROJECT_IN: ("positions", "project_in.weight"),
-    C.FINAL_NORM_WEIGHT: ("final", "final_layer_norm.weight"),
-    C.FINAL_NORM_BIAS: ("final", "final_layer_norm.bias"),
-    C.PROJECT_OUT: ("final", "project_out.weight"),
-}
-
 
 # --- canonical <-> opt_ds layer states (full tensors, before TP cutting) -------------------------------
-
-def decoder_to_opt_ds(layer: Dict[str, torch.Tensor], num_heads: int) -> Dict[str, torch.Tensor]:
-    """A canonical decoder layer as opt_ds's OPTDecoderLayer.state_dict() at TP=1, in module order."""
-    attention = {f"self_attn.qkv.{w}": fuse_qkv_per_head(*(layer[f"self_attn.{p}.{w}"] for p in C.ATTENTION_INPUTS),
-                                                          num_heads) for w in ("weight", "bias")}
-    renamed = {ours: layer[theirs] for theirs, ours in DECODER_RENAMES.items()}
-    order = ["self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "self_attn.qkv.weight", "self_attn.qkv.bias",
-             "self_attn.out_proj.weight", "self_attn.out_proj.bias", "final_layer_norm.weight",
-             "final_layer_norm.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-    merged = {**attention, **renamed}
-    return {name: merged[name] for name in order}
-
-
-def decoder_from_opt_ds(state: Dict[str, torch.Tensor], num_heads: int) -> Dict[str, torch.Tensor]:
-    layer = {theirs: state[ours] for theirs, ours in DECODER_RENAMES.items() if ours in state}
-    for w in ("weight", "bias"):
-        fused = state.get(f"self_attn.qkv.{w}")
-        if fused is not None:
-            q, k, v = split_qkv_per_head(fused, num_heads)
-            layer.update({f"self_attn.q_proj.{w}": q, f"self_attn.k_proj.{w}": k, f"self_attn.v_proj.{w}": v})
-    return layer
-
-
-def opt_layer_roles(shape: OPTShape) -> Dict[str, int]:
-    return {"embedding": EMBEDDING_INDEX, "positions": POSITIONS_INDEX, "final": final_layer_index(shape)}
-
 
 def special_layer_index(role: str, shape) -> int:
     return names_of(shape).layer_roles(shape)[role]
@@ -209,7 +164,7 @@ def describe_location(key: str, shape, files, tp: int) -> str:
     else:
         layer, rel = _split_layer_key(key, names.layer_prefix)
         index = family_of(shape).decoder_layer_index(layer)
-        if rel.startswith("self_attn.") and rel.split(".")[1] in C.ATTENTION_INPUTS:
+        if rel.startswith("self_attn.") and rel.split(".")[1] in ATTENTION_INPUTS:
             part, w = rel.split(".")[1:]
             layout = "[np,3,hn]" if family_of(shape).name == "opt" else "grouped per key/value head"
             name = f"self_attn.qkv.{w} ({part[0]} rows of each head, {layout})"
@@ -222,7 +177,7 @@ def describe_location(key: str, shape, files, tp: int) -> str:
     return f"{files(index)}: {name} [{how}]"
 
 
-def _split_layer_key(key: str, prefix: str = C.PREFIX + "layers.") -> Tuple[int, str]:
+def _split_layer_key(key: str, prefix: str) -> Tuple[int, str]:
     layer, rel = key[len(prefix):].split(".", 1)
     return int(layer), rel
 

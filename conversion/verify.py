@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from opt_ds.models.presets import BOS_ID
 
-from conversion.canonical import EMBED_TOKENS, Checkpoint
+from conversion.canonical import Checkpoint
 from conversion.families import names_of
-from conversion.hf import LM_HEAD, config_from_shape
 
 OPT_PROMPT = [BOS_ID, 31414, 6, 127, 2335, 16, 11962]      # "</s>Hello, my dog is cute" in OPT's vocabulary
 NEW_TOKENS = 8
@@ -112,51 +111,9 @@ class StreamedModel:
         return self._modules[key]
 
 
-def streamed_hf_model(model_class, config, ckpt: Checkpoint, on_cpu=()) -> Callable[[torch.Tensor], torch.Tensor]:
-    """transformers' `model_class(config)` holding `ckpt` (fp32) with its decoder layers on the meta device,
-    each given its weights from the checkpoint just before it runs and dropped after, as forward(ids) ->
-    logits. `on_cpu`: names of weightless submodules to build for real (buffers computed at init, e.g. the
-    rotary embedding's frequencies)."""
-    names = names_of(ckpt.shape)
-    with torch.device("meta"):
-        model = model_class(config).eval()
-    for name in on_cpu:
-        parent, _, child = name.rpartition(".")
-        module = model.get_submodule(name)
-        model.get_submodule(parent).add_module(child, type(module)(config=config))
-    state = {k: v.float() for k, v in ckpt.globals().items()}
-    if names.hf_tied_head:
-        state[LM_HEAD] = state[EMBED_TOKENS]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected or any(not k.startswith(names.layer_prefix) for k in missing):
-        raise RuntimeError(f"{model_class.__name__} does not take the checkpoint's tensors: missing "
-                           f"{[k for k in missing if not k.startswith(names.layer_prefix)]}, unexpected {unexpected}")
-    for layer in range(ckpt.shape.num_layers):
-        def load(module, args, layer=layer):
-            module.load_state_dict({k: v.float() for k, v in ckpt.layer(layer).items()}, strict=True, assign=True)
-
-        def drop(module, args, output):
-            module.to("meta")
-        decoder_layer = model.get_submodule(f"{names.layer_prefix}{layer}")
-        decoder_layer.register_forward_pre_hook(load)
-        decoder_layer.register_forward_hook(drop)
-    return lambda ids: model(input_ids=ids, use_cache=False).logits
-
-
 def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """transformers' model of `ckpt`'s family holding it (fp32), or None when transformers is not installed."""
     return names_of(ckpt.shape).hf_reference(ckpt)
-
-
-def opt_hf_reference(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """OPTForCausalLM holding `ckpt` (fp32, streamed layer by layer), or None when transformers is not installed."""
-    try:
-        from transformers import OPTConfig, OPTForCausalLM
-    except ImportError:
-        return None
-    config = OPTConfig.from_dict({**config_from_shape(ckpt.shape, torch.float32), "dropout": 0.0,
-                                  "attention_dropout": 0.0})
-    return streamed_hf_model(OPTForCausalLM, config, ckpt)
 
 
 def difference(reference: torch.Tensor, other: torch.Tensor) -> tuple:

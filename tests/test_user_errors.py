@@ -573,7 +573,7 @@ case("conv-max-memory-size", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", max_
 case("conv-max-memory", lambda t, r: conv(t, r, r.hf_dir, to="opt_ds", max_memory="100K"),
      "needs about", "GiB of memory", "more than --max-memory 100K", "raise --max-memory")
 
-# conversion/hf.py
+# conversion/hf.py, and conversion/opt.py (an OPT config.json)
 case("hf-model-type", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "model_type is 'gpt2'",
      "only 'opt' and 'llama' models convert", setup=lambda t, r: _edit_config(t, r, model_type="gpt2"))
 case("hf-variant", lambda t, r: conv(t, r, t / "hf", to="opt_ds"), "activation_function='gelu'",
