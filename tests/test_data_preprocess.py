@@ -164,7 +164,8 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
                "--tokenizer", "opt", "--workers", "1", "--chunk-mb", "0.02", "--no-progress"]
     proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while not list(files.work.glob("chunks/*.json")) and proc.poll() is None and time.time() < deadline:
+    # a finished chunk's marker (000000.json); its temp file while being written is hidden (.000000.json.XXXXXXXX.json)
+    while not list(files.work.glob("chunks/[0-9]*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate()[0].decode()
