@@ -18,3 +18,10 @@ def tear_down_in_process_world():
     yield
     from opt_ds.parallel.layout import shutdown_distributed
     shutdown_distributed(wait=False)
+
+
+def bundled_texts(count: int) -> list:
+    """The first `count` documents of the bundled corpus, read by opt_ds's own reader."""
+    import itertools
+    from opt_ds.data.sources import BUNDLED_CORPUS, read_records
+    return [doc.text for doc in itertools.islice(read_records([BUNDLED_CORPUS]), count)]

@@ -3,16 +3,14 @@ byte-fallback`): a BPE with byte fallback and LLaMA's special ids, saved as toke
 tokenizer_config.json; any text round-trips through it, transformers loads it with the same ids, and a
 dataset preprocessed with it passes the training vocabulary check."""
 import argparse
-import gzip
-import itertools
 import json
 
 import pytest
 
+from conftest import bundled_texts
 from opt_ds.data import cli
 from opt_ds.data.datasets import DataError, DatasetFiles, build_datasets, check_corpora
 from opt_ds.data.preprocess import PreprocessConfig, PreprocessError, preprocess
-from opt_ds.data.sources import BUNDLED_CORPUS
 from opt_ds.data.tokenizer import BYTE_PIECES, HFTokenizer, load_tokenizer, train_byte_fallback_bpe
 
 VOCAB = 600
@@ -27,8 +25,7 @@ SAMPLES = [
 
 @pytest.fixture(scope="module")
 def texts():
-    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in itertools.islice(f, 8)]
+    return bundled_texts(8)
 
 
 @pytest.fixture(scope="module")

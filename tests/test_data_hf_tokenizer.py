@@ -1,16 +1,14 @@
 """Hugging Face tokenizer.json (how LLaMA tokenizers ship): its own special ids, the same ids as transformers'
 tokenizer on the same file, and `opt-ds preprocess` with it; a corpus whose vocabulary exceeds the model's
 is refused."""
-import gzip
-import itertools
 import json
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from conftest import bundled_texts
 from opt_ds.data.datasets import DataError, DatasetFiles, build_datasets
 from opt_ds.data.preprocess import PreprocessConfig, preprocess
-from opt_ds.data.sources import BUNDLED_CORPUS
 from opt_ds.data.tokenizer import HFTokenizer, TokenizerError, load_tokenizer
 
 TEXT = "ROMEO. But soft, what light through yonder window breaks? Grüße 🎭"
@@ -18,8 +16,7 @@ TEXT = "ROMEO. But soft, what light through yonder window breaks? Grüße 🎭"
 
 @pytest.fixture(scope="module")
 def texts():
-    with gzip.open(BUNDLED_CORPUS, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in itertools.islice(f, 20)]
+    return bundled_texts(20)
 
 
 @pytest.fixture(scope="module")
