@@ -53,7 +53,8 @@ def all_runs(tmp_path_factory):
             if family != "opt" and name in OPT_ONLY:
                 continue
             work = tmp_path_factory.mktemp(f"{family}-{name}")
-            by_world.setdefault(tp * pp * dp, []).append((family, name, work, overrides(family, tp, pp, zero, extra, work)))
+            args = overrides(family, tp, pp, zero, extra, work)
+            by_world.setdefault(tp * pp * dp, []).append((family, name, work, args))
     results = {family: {"family": family} for family in FAMILY_OVERRIDES}
     for world, jobs in sorted(by_world.items()):
         job_file = tmp_path_factory.mktemp(f"world{world}") / "jobs.json"
