@@ -4,6 +4,7 @@ and the run finishes within 5% of an uninterrupted run's final validation loss; 
 a silent bad host is caught by the replica check; a divergence that keeps coming back exhausts the budget.
 With the default thresholds, a spike while the demo's loss still falls steeply is caught, and clean runs
 raise no alarm."""
+import shutil
 import socket
 
 import pytest
@@ -100,9 +101,15 @@ def test_clean_runs_raise_no_alarm_with_the_default_thresholds(run):
 
 def test_demo_spike_while_the_loss_still_falls_is_caught_and_recovered(tmp_path):
     """The demo's loss falls from 9.0 by ~0.15 a step when a 100x-LR update at step 14 throws it back up by
-    more than 1: detected at the next step with the default thresholds, rolled back to global_step10."""
+    more than 1: detected at the next step with the default thresholds, rolled back to global_step10.
+    Its first 10 steps would be the clean run's, so it starts from the clean run's global_step10 (an exact resume:
+    weights, optimizer, data position and the health monitor's recent losses), put in its own save_dir."""
     clean = demo_clean_run()
+    shutil.copytree(clean / "ckpt" / "global_step10", tmp_path / "ckpt" / "global_step10")
+    (tmp_path / "ckpt" / "latest").write_text("global_step10")
     demo_train(tmp_path, "faults.spike_at_step=14", timeout=1200)
+    [resume] = events(tmp_path, "resume")
+    assert resume["tag"] == "global_step10"
     [recovery] = events(tmp_path, "recovery")
     assert recovery["step"] == 15 and recovery["restored"] == "global_step10"
     assert [a["kind"] for a in recovery["anomalies"]] == ["loss_spike"]

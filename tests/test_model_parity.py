@@ -8,6 +8,8 @@ The tensor-parallel layouts run with sequence parallelism and selective recomput
 norms and row-parallel biases are the ones SP must reduce over the TP ranks), the pipeline layouts with full
 recompute; the plain TP path (SP off) runs in the checkpoint-layout and launcher tests.
 """
+import json
+
 import pytest
 import torch
 
@@ -41,18 +43,32 @@ def overrides(family, tp, pp, zero, extra, log_dir):
     ]
 
 
-@pytest.fixture(scope="module", params=list(FAMILY_OVERRIDES))
-def runs(request, tmp_path_factory):
-    family, results = request.param, {"family": request.param}
-    for name, (tp, pp, dp, zero, extra) in LAYOUTS.items():
-        if family != "opt" and name in OPT_ONLY:
-            continue
-        work = tmp_path_factory.mktemp(f"{family}-{name}")
-        torchrun(tp * pp * dp, "tests/workers/parity_run.py", work / "state.pt",
-                 *overrides(family, tp, pp, zero, extra, work), timeout=240)
-        results[name] = {"metrics": read_metrics(work / "metrics.jsonl", "train"),
-                         **torch.load(work / "state.pt", weights_only=False)}
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory):
+    """{family: {layout: results}}. The runs of one world size share one torchrun, trained one after another
+    (tests/workers/parity_run.py), so each rank's interpreter starts once, not once per layout."""
+    by_world = {}
+    for family in FAMILY_OVERRIDES:
+        for name, (tp, pp, dp, zero, extra) in LAYOUTS.items():
+            if family != "opt" and name in OPT_ONLY:
+                continue
+            work = tmp_path_factory.mktemp(f"{family}-{name}")
+            args = overrides(family, tp, pp, zero, extra, work)
+            by_world.setdefault(tp * pp * dp, []).append((family, name, work, args))
+    results = {family: {"family": family} for family in FAMILY_OVERRIDES}
+    for world, jobs in sorted(by_world.items()):
+        job_file = tmp_path_factory.mktemp(f"world{world}") / "jobs.json"
+        job_file.write_text(json.dumps([[str(work / "state.pt"), args] for _, _, work, args in jobs]))
+        torchrun(world, "tests/workers/parity_run.py", job_file, timeout=240 * len(jobs))
+        for family, name, work, _ in jobs:
+            results[family][name] = {"metrics": read_metrics(work / "metrics.jsonl", "train"),
+                                     **torch.load(work / "state.pt", weights_only=False)}
     return results
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_OVERRIDES))
+def runs(request, all_runs):
+    return all_runs[request.param]
 
 
 def test_reference_run_learns_and_clips(runs):

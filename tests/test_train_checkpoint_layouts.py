@@ -21,17 +21,16 @@ def train_losses(log_dir):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A TP=2 x PP=2 run saved after N steps, and the same run continued straight to 2N."""
+    """A TP=2 x PP=2 run straight to 2N steps, saved after N (global_step{N}) and at the end."""
     root = tmp_path_factory.mktemp("layouts")
-    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={2 * N}", f"train.log_dir={root / 'straight'}",
-           nproc=4, timeout=240)
-    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={N}", f"train.save_dir={root / 'ckpt'}",
-           f"train.log_dir={root / 'first'}", nproc=4, timeout=240)
+    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={2 * N}", f"train.save_interval={N}",
+           f"train.save_dir={root / 'ckpt'}", f"train.log_dir={root / 'straight'}", nproc=4, timeout=240)
     return root
 
 
 def test_resume_from_universal_checkpoint_at_another_layout(saved):
-    opt_ds("convert", saved / "ckpt", saved / "universal", "--to", "universal", timeout=240)
+    opt_ds("convert", saved / "ckpt", saved / "universal", "--to", "universal", "--src-tag", f"global_step{N}",
+           timeout=240)
     log_dir = saved / "resumed"
     opt_ds("train", "-", *ARGS, "parallel.data=2", f"train.steps={2 * N}", f"train.load_dir={saved / 'universal'}",
            f"train.save_dir={saved / 'resumed-ckpt'}", f"train.log_dir={log_dir}", nproc=2, timeout=240)

@@ -20,18 +20,17 @@ def train_records(log_dir):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """A TP=2 x PP=2 run straight to 2N steps, saved after N (global_step{N}) and at the end."""
     root = tmp_path_factory.mktemp("llama")
-    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={2 * N}", f"train.log_dir={root / 'straight'}",
-           nproc=4, timeout=300)
-    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={N}", f"train.save_dir={root / 'ckpt'}",
-           f"train.log_dir={root / 'first'}", nproc=4, timeout=300)
+    opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={2 * N}", f"train.save_interval={N}",
+           f"train.save_dir={root / 'ckpt'}", f"train.log_dir={root / 'straight'}", nproc=4, timeout=300)
     return root
 
 
 def test_exact_resume(saved):
     log_dir = saved / "resumed"
     opt_ds("train", "-", *ARGS, *TP2PP2, f"train.steps={2 * N}", f"train.load_dir={saved / 'ckpt'}",
-           f"train.log_dir={log_dir}", nproc=4, timeout=300)
+           f"train.load_tag=global_step{N}", f"train.log_dir={log_dir}", nproc=4, timeout=300)
     straight, resumed = train_records(saved / "straight"), train_records(log_dir)
     assert [r["step"] for r in resumed] == list(range(N + 1, 2 * N + 1))
     for key in ("loss", "lr", "grad_norm"):
@@ -39,7 +38,8 @@ def test_exact_resume(saved):
 
 
 def test_universal_checkpoint_resumes_at_another_layout(saved):
-    opt_ds("convert", saved / "ckpt", saved / "universal", "--to", "universal", timeout=300)
+    opt_ds("convert", saved / "ckpt", saved / "universal", "--to", "universal", "--src-tag", f"global_step{N}",
+           timeout=300)
     log_dir = saved / "universal-resumed"
     opt_ds("train", "-", *ARGS, "parallel.data=2", f"train.steps={2 * N}", f"train.load_dir={saved / 'universal'}",
            f"train.log_dir={log_dir}", nproc=2, timeout=300)

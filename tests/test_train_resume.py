@@ -29,10 +29,25 @@ def train(run_dir, steps, extra=PP2):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """layout -> the train records of its uninterrupted 2N-step run, made on first use (the PP=2 one also
+    serves test_dropout_is_active)."""
+    runs = {}
+
+    def straight_run(layout):
+        if layout not in runs:
+            both, straight_only, _ = LAYOUTS[layout]
+            records = train(tmp_path_factory.mktemp(f"straight-{layout}"), 2 * N, both + straight_only)
+            runs[layout] = [r for r in records if r["event"] == "train"]
+        return runs[layout]
+    return straight_run
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
-    both, straight_only, interrupted_only = LAYOUTS[layout]
-    straight = [r for r in train(tmp_path / "straight", 2 * N, both + straight_only) if r["event"] == "train"]
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, straight, layout):
+    both, _, interrupted_only = LAYOUTS[layout]
+    straight = straight(layout)
     train(tmp_path / "resumed", N, both + interrupted_only)
     records = train(tmp_path / "resumed", 2 * N, both + interrupted_only)
     resumed = [r for r in records if r["event"] == "train"]
@@ -43,9 +58,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, layout):
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
 
 
-def test_dropout_is_active(tmp_path):
-    """The resume test is only meaningful if dropout draws random numbers: same seed, dropout off, other loss."""
-    with_dropout = [r["loss"] for r in train(tmp_path / "a", 1) if r["event"] == "train"]
+def test_dropout_is_active(tmp_path, straight):
+    """The resume test is only meaningful if dropout draws random numbers: same seed, dropout off, other loss
+    (of the first step, which the PP=2 straight run shares: the LR schedule does not depend on train.steps)."""
+    with_dropout = [r["loss"] for r in straight("pp2")[:1]]
     opt_ds("train", "-", *ARGS, *PP2, "train.steps=1", "model.dropout=0.0", f"train.log_dir={tmp_path}/b", nproc=2,
            timeout=120)
     without = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl", "train")]

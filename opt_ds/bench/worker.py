@@ -22,7 +22,6 @@ from opt_ds.bench.telemetry import combine_gpu_windows
 from opt_ds.bench.timing import slowest_rank_per_step, time_steps
 from opt_ds.durable import write_atomically
 from opt_ds.parallel.layout import shutdown_distributed
-from opt_ds.parallel.pipe import recomputed_decoder_layers
 
 
 def measure_case(case: BenchCase, steps: int, warmup: int) -> Optional[dict]:
@@ -30,6 +29,7 @@ def measure_case(case: BenchCase, steps: int, warmup: int) -> Optional[dict]:
     from megatron.core import parallel_state
 
     from opt_ds.data.synthetic import SyntheticTokens
+    from opt_ds.parallel.pipe import recomputed_decoder_layers   # here: the peers' workers never need megatron-core
     from opt_ds.train.batches import ReplicaBatches
     from opt_ds.train.engine import build_engine
 

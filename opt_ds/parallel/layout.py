@@ -7,6 +7,7 @@ put every process in the same tensor-, data- and pipeline-parallel groups.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -125,8 +126,9 @@ def shutdown_distributed(wait: bool = True) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if wait:
             torch.distributed.barrier()
-        from megatron.core import parallel_state
-        parallel_state.destroy_model_parallel()     # so a later initialize() in this process starts clean
+        if "megatron.core.parallel_state" in sys.modules:     # a world without megatron (a bench peer) has none
+            from megatron.core import parallel_state
+            parallel_state.destroy_model_parallel()     # so a later initialize() in this process starts clean
         torch.distributed.destroy_process_group()
 
 

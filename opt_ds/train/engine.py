@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from opt_ds.config import ResolvedConfig
-from opt_ds.parallel.pipe import build_pipeline
 from opt_ds.patches import check_engine, replace_fp32_clipping, set_global_grad_norm
 from opt_ds.train.schedule import LearningRateSchedule
 
@@ -71,6 +70,8 @@ def build_engine(cfg: ResolvedConfig, for_training: bool = True, load_universal:
     For inference (`for_training=False`) no optimizer or ZeRO state is allocated. `load_universal` prepares
     the engine to resume from a universal checkpoint (`opt-ds convert --to universal`) at this layout."""
     import deepspeed
+
+    from opt_ds.parallel.pipe import build_pipeline    # megatron-core: not for the optimizer alone (bench peers)
 
     layout = cfg.layout
     layout.initialize()

@@ -1,9 +1,12 @@
 """Worker for the layout-parity tests: train with the real Trainer and record what the tests compare.
 
-usage: parity_run.py OUT.pt key=value...   (under torchrun; the world size gives DP)
-Saves on rank 0: the gathered full weights after init and after training, and for every rank that holds a
-copy of the tied embedding, (stage, tp, dp, its shard) so the test can check the copies are bit-identical.
+usage: parity_run.py JOBS.json   (under torchrun; the world size gives DP)
+JOBS.json: a list of [OUT.pt, [key=value, ...]], trained one after another in this world (each job's layout
+must fill the world), which spares the tests an interpreter start per layout.
+Saves on rank 0, per job: the gathered full weights after init and after training, and for every rank that holds
+a copy of the tied embedding, (stage, tp, dp, its shard) so the test can check the copies are bit-identical.
 """
+import json
 import os
 import sys
 
@@ -72,8 +75,7 @@ def tied_copies(engine) -> list:
     return [entry for piece in gathered for entry in piece]
 
 
-def main():
-    out, overrides = sys.argv[1], sys.argv[2:]
+def run_job(out, overrides):
     cfg = load_config(None, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     trainer = Trainer(cfg)
     init = gather_full_state(trainer.engine.module)
@@ -82,6 +84,14 @@ def main():
     tied = tied_copies(trainer.engine)
     if dist.get_rank() == 0:
         torch.save({"init": init, "final": final, "tied": tied}, out)
+
+
+def main():
+    jobs = json.loads(open(sys.argv[1]).read())
+    for out, overrides in jobs:
+        run_job(out, overrides)
+        dist.barrier()
+        parallel_state.destroy_model_parallel()     # the next job's layout builds its own groups
 
 
 if __name__ == "__main__":
