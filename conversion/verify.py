@@ -63,6 +63,8 @@ class Run:
 def greedy(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_tokens: int = NEW_TOKENS) -> Run:
     """`new_tokens` greedy tokens after the prompt, a full forward per token (no KV cache: simple and exact); the
     Run holds the last pass, whose logits cover the prompt and every token but the last."""
+    if new_tokens < 1:
+        raise ValueError(f"greedy decoding needs at least one new token, not {new_tokens}")
     sequence = list(prompt)
     with torch.no_grad():
         while True:
@@ -153,13 +155,11 @@ def first_over(per_position: torch.Tensor, tolerance: float, prompt_length: int)
     return f"; first over it at position {position}, {where}"
 
 
-def first_token_difference(expected: Run, got: Run, names: str) -> str:
-    """' (DIFFERENT from token N: ...)' naming the first greedy token that differs, '' when none does; `names`:
-    'expected_name got_name'."""
+def first_token_difference(expected: Run, got: Run, expected_name: str, got_name: str) -> str:
+    """' (DIFFERENT from token N: ...)' naming the first greedy token that differs, '' when none does."""
     index = next((i for i, (a, b) in enumerate(zip(expected.tokens, got.tokens)) if a != b), None)
     if index is None:
         return ""
-    expected_name, got_name = names.split()
     return (f" (DIFFERENT from token {index + 1}: {expected_name} {expected.tokens[index]}, "
             f"{got_name} {got.tokens[index]})")
 
@@ -203,7 +203,7 @@ def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) ->
     lines.append(f"verify: logits on a {len(prompt)}-token prompt and the source's greedy continuation "
                  f"({len(src.sequence)} positions), source vs target (opt_ds model, fp32): max |diff| {max_abs:.3e} "
                  f"(tolerance {tolerance:.1e}{first_over(per_position, tolerance, len(prompt))}), KL {kl:.3e}")
-    token_difference = first_token_difference(src, tgt, "source target")
+    token_difference = first_token_difference(src, tgt, "source", "target")
     lines.append(f"verify: greedy {NEW_TOKENS} tokens: source {src.tokens}, target {tgt.tokens}{token_difference}")
     if lossy_dtype is None and token_difference:
         ok = False
@@ -215,7 +215,7 @@ def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) ->
             ref = teacher_forced(hf, src)
             ref_abs, ref_kl, ref_scale, ref_per_position = difference(ref, tgt)
             ref_tolerance = REFERENCE_TOLERANCE * ref_scale
-            ref_token_difference = first_token_difference(tgt, ref, "opt_ds transformers")
+            ref_token_difference = first_token_difference(tgt, ref, "opt_ds", "transformers")
             ok = ok and ref_abs <= ref_tolerance and not ref_token_difference
             lines.append(f"verify: target in transformers' {names_of(target.shape).hf_class} vs opt_ds: max |diff| "
                          f"{ref_abs:.3e} (tolerance {ref_tolerance:.1e}"
