@@ -1,12 +1,17 @@
 """Prove a conversion by running both checkpoints: logits on a fixed prompt and a greedy continuation.
 
-Both sides run through opt_ds's own model (the pipeline layers at TP=1 in this one process), in fp32 on
-the CPU, streamed from what is on disk one layer at a time (build the layer on the meta device, load its
-weights, apply it to the activations, drop it), so a proof needs memory for one layer plus the activations
-whatever the model's size; each forward pass (the prompt, then one per greedy token) reads the checkpoint
-again. When `transformers` is installed, the target also runs through Hugging Face's `OPTForCausalLM` /
-`LlamaForCausalLM` (streamed the same way), the independent reference implementation, which catches an error
-the two opt_ds runs would share (e.g. a QKV order that is wrong in the same way on both sides).
+Every model runs through opt_ds's own model (the pipeline layers at TP=1 in this one process), in fp32 on the
+CPU, streamed from what is on disk one layer at a time (build the layer on the meta device, load its weights,
+apply it to the activations, drop it), so a proof needs memory for one layer plus the activations whatever
+the model's size; each forward pass reads the checkpoint again. Only the source decodes greedily (a pass
+over the prompt, then one per greedy token but the last, without a KV cache): its last pass reads the
+prompt and the continuation, so its logits at every position and its greedy tokens (the argmax at each
+prefix) come from that one sequence. The target then runs once on the same sequence (teacher forcing): the
+same logits within tolerance and the same argmax at every prefix is the same greedy continuation, in one
+pass instead of one per token. When `transformers` is installed, the target also runs once through Hugging
+Face's `OPTForCausalLM` / `LlamaForCausalLM` on that sequence (streamed the same way), the independent
+reference implementation, which catches an error the two opt_ds runs would share (e.g. a QKV order that is
+wrong in the same way on both sides).
 
 Tolerances (max |logit difference|, relative to the largest |logit| of the source, floor 1):
   lossless conversion (no tensor lost precision)    1e-5, and the greedy tokens must be identical
@@ -43,21 +48,37 @@ def prompt_for(shape) -> List[int]:
 
 @dataclass
 class Run:
-    logits: torch.Tensor        # [prompt length, vocab], fp32
-    tokens: List[int]           # greedy continuation
+    """One model's pass over a sequence: the prompt and a greedy continuation but its last token."""
+    sequence: List[int]         # what the pass read
+    prompt_length: int
+    logits: torch.Tensor        # [len(sequence), vocab], fp32
+
+    @property
+    def tokens(self) -> List[int]:
+        """The argmax after each prefix that ends in or after the prompt: the greedy continuation when the
+        sequence is this model's own (greedy), the next token it would choose at each step otherwise."""
+        return self.logits[self.prompt_length - 1:].argmax(-1).tolist()
 
 
-def run(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_tokens: int = NEW_TOKENS) -> Run:
-    """Logits of the prompt and `new_tokens` greedy tokens (full forward per step: simple and exact)."""
-    ids = torch.tensor([prompt])
+def greedy(forward: Callable[[torch.Tensor], torch.Tensor], prompt: List[int], new_tokens: int = NEW_TOKENS) -> Run:
+    """`new_tokens` greedy tokens after the prompt, a full forward per token (no KV cache: simple and exact); the
+    Run holds the last pass, whose logits cover the prompt and every token but the last."""
+    if new_tokens < 1:
+        raise ValueError(f"greedy decoding needs at least one new token, not {new_tokens}")
+    sequence = list(prompt)
     with torch.no_grad():
-        logits = forward(ids)[0].float()
-        tokens = []
-        for _ in range(new_tokens):
-            step = logits if not tokens else forward(ids)[0].float()
-            tokens.append(int(step[-1].argmax()))
-            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
-    return Run(logits, tokens)
+        while True:
+            logits = forward(torch.tensor([sequence]))[0].float()
+            if len(sequence) == len(prompt) + new_tokens - 1:
+                return Run(sequence, len(prompt), logits)
+            sequence.append(int(logits[-1].argmax()))
+
+
+def teacher_forced(forward: Callable[[torch.Tensor], torch.Tensor], source: Run) -> Run:
+    """One pass over the sequence `source` read: its logits at every position and the next token it would
+    choose after each prefix, comparable with the source's position by position."""
+    with torch.no_grad():
+        return Run(source.sequence, source.prompt_length, forward(torch.tensor([source.sequence]))[0].float())
 
 
 class StreamedModel:
@@ -116,12 +137,31 @@ def hf_forward(ckpt: Checkpoint) -> Optional[Callable[[torch.Tensor], torch.Tens
     return names_of(ckpt.shape).hf_reference(ckpt)
 
 
-def difference(reference: torch.Tensor, other: torch.Tensor) -> tuple:
-    """(max |difference|, mean KL(reference || other) per position, reference scale)."""
-    max_abs = (reference - other).abs().max().item()
-    kl = F.kl_div(F.log_softmax(other.double(), -1), F.log_softmax(reference.double(), -1), log_target=True,
-                  reduction="batchmean").item()
-    return max_abs, kl, max(1.0, reference.abs().max().item())
+def difference(reference: Run, other: Run) -> tuple:
+    """(max |difference|, mean KL(reference || other) per position, reference scale, |difference| per position)."""
+    per_position = (reference.logits - other.logits).abs().amax(-1)
+    kl = F.kl_div(F.log_softmax(other.logits.double(), -1), F.log_softmax(reference.logits.double(), -1),
+                  log_target=True, reduction="batchmean").item()
+    return per_position.max().item(), kl, max(1.0, reference.logits.abs().max().item()), per_position
+
+
+def first_over(per_position: torch.Tensor, tolerance: float, prompt_length: int) -> str:
+    """Where the logits first differ by more than `tolerance`, in words ('' when nowhere)."""
+    over = (per_position > tolerance).nonzero()
+    if not len(over):
+        return ""
+    position = int(over[0])
+    where = "in the prompt" if position < prompt_length else f"after greedy token {position - prompt_length + 1}"
+    return f"; first over it at position {position}, {where}"
+
+
+def first_token_difference(expected: Run, got: Run, expected_name: str, got_name: str) -> str:
+    """' (DIFFERENT from token N: ...)' naming the first greedy token that differs, '' when none does."""
+    index = next((i for i, (a, b) in enumerate(zip(expected.tokens, got.tokens)) if a != b), None)
+    if index is None:
+        return ""
+    return (f" (DIFFERENT from token {index + 1}: {expected_name} {expected.tokens[index]}, "
+            f"{got_name} {got.tokens[index]})")
 
 
 @dataclass
@@ -154,31 +194,33 @@ def verify(source: Checkpoint, target: Checkpoint, *, reference: bool = True) ->
                               f"the source's {architecture(source.shape)}"])
     prompt = prompt_for(source.shape)
     source_model, target_model = StreamedModel(source), StreamedModel(target)
-    src = run(source_model, prompt)
-    tgt = run(target_model, prompt)
+    src = greedy(source_model, prompt)
+    tgt = teacher_forced(target_model, src)
     lossy_dtype = precision_lost(source_model.dtypes, target_model.dtypes)
-    max_abs, kl, scale = difference(src.logits, tgt.logits)
+    max_abs, kl, scale, per_position = difference(src, tgt)
     tolerance = (LOSSY_TOLERANCE[lossy_dtype] if lossy_dtype in LOSSY_TOLERANCE else LOSSLESS_TOLERANCE) * scale
     ok = max_abs <= tolerance
-    lines.append(f"verify: logits on a {len(prompt)}-token prompt, source vs target (opt_ds model, fp32): "
-                 f"max |diff| {max_abs:.3e} (tolerance {tolerance:.1e}), KL {kl:.3e}")
-    same_tokens = src.tokens == tgt.tokens
-    lines.append(f"verify: greedy {NEW_TOKENS} tokens: source {src.tokens}, target {tgt.tokens}"
-                 + ("" if same_tokens else " (DIFFERENT)"))
-    if lossy_dtype is None and not same_tokens:
+    lines.append(f"verify: logits on a {len(prompt)}-token prompt and the source's greedy continuation "
+                 f"({len(src.sequence)} positions), source vs target (opt_ds model, fp32): max |diff| {max_abs:.3e} "
+                 f"(tolerance {tolerance:.1e}{first_over(per_position, tolerance, len(prompt))}), KL {kl:.3e}")
+    token_difference = first_token_difference(src, tgt, "source", "target")
+    lines.append(f"verify: greedy {NEW_TOKENS} tokens: source {src.tokens}, target {tgt.tokens}{token_difference}")
+    if lossy_dtype is None and token_difference:
         ok = False
     if reference:
         hf = hf_forward(target)
         if hf is None:
             lines.append("verify: transformers is not installed; skipped the Hugging Face reference check")
         else:
-            ref = run(hf, prompt)
-            ref_abs, ref_kl, ref_scale = difference(ref.logits, tgt.logits)
-            ref_ok = ref_abs <= REFERENCE_TOLERANCE * ref_scale and ref.tokens == tgt.tokens
-            ok = ok and ref_ok
-            lines.append(f"verify: target in transformers' {names_of(target.shape).hf_class} vs opt_ds: max |diff| {ref_abs:.3e} "
-                         f"(tolerance {REFERENCE_TOLERANCE * ref_scale:.1e}), KL {ref_kl:.3e}, greedy "
-                         f"{'identical' if ref.tokens == tgt.tokens else f'DIFFERENT {ref.tokens}'}")
+            ref = teacher_forced(hf, src)
+            ref_abs, ref_kl, ref_scale, ref_per_position = difference(ref, tgt)
+            ref_tolerance = REFERENCE_TOLERANCE * ref_scale
+            ref_token_difference = first_token_difference(tgt, ref, "opt_ds", "transformers")
+            ok = ok and ref_abs <= ref_tolerance and not ref_token_difference
+            lines.append(f"verify: target in transformers' {names_of(target.shape).hf_class} vs opt_ds: max |diff| "
+                         f"{ref_abs:.3e} (tolerance {ref_tolerance:.1e}"
+                         f"{first_over(ref_per_position, ref_tolerance, len(prompt))}), KL {ref_kl:.3e}, greedy "
+                         + (f"DIFFERENT {ref.tokens}{ref_token_difference}" if ref_token_difference else "identical"))
     lines.append("verify: " + ("OK" if ok else "FAILED: the converted checkpoint does not reproduce the source"))
     return Report(ok, lines)
 

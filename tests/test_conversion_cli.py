@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conversion.cli import main
 from conversion.convert import open_checkpoint
-from conversion.verify import verify
+from conversion.verify import prompt_for, verify
 from conversion_helpers import tiny_hf_model
 from multiproc import run
 
@@ -45,6 +45,8 @@ def test_verification_catches_swapped_attention_projections(tmp_path):
     report = verify(open_checkpoint(tmp_path / "hf", "hf"), open_checkpoint(tmp_path / "out", "hf"))
     assert not report.ok
     assert str(report).endswith("FAILED: the converted checkpoint does not reproduce the source")
+    # position 0 attends to itself alone (q and k cancel out), so the logits first differ at position 1
+    assert "first over it at position 1, in the prompt)" in report.lines[0], report.lines[0]
 
 
 def test_half_precision_target_is_verified_with_the_stated_tolerance(tmp_path, capsys):
@@ -62,3 +64,27 @@ def test_half_precision_target_is_verified_with_the_stated_tolerance(tmp_path, c
 def test_module_entry_point_runs():
     proc = run([sys.executable, "-m", "conversion.cli", "--help"], timeout=120)
     assert "--to {hf,meta,metaseq,opt_ds,universal}" in proc.stdout
+
+
+def test_verification_catches_a_different_greedy_token_within_the_logit_tolerance(tmp_path):
+    """A target whose logits stay within the lossless tolerance but whose argmax differs after one prefix still
+    fails: the source's head rows a < b are equal (a tie its greedy decoding breaks to a, the first index), the
+    target's row b is 3e-6 larger, so after the prompt it would choose b."""
+    model = tiny_hf_model("pre_ln")
+    model.save_pretrained(tmp_path / "source")
+    prompt = prompt_for(open_checkpoint(tmp_path / "source", "hf").shape)
+    with torch.no_grad():
+        first = int(model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax())
+        second = next(t for t in range(first + 1, model.config.vocab_size) if t not in prompt)
+        embedding = model.get_input_embeddings().weight     # OPT's head is tied to it
+        embedding[second] = embedding[first]
+        model.save_pretrained(tmp_path / "source")
+        embedding[second] = embedding[first] * (1 + 3e-6)
+        model.save_pretrained(tmp_path / "target")
+
+    report = verify(open_checkpoint(tmp_path / "source", "hf"), open_checkpoint(tmp_path / "target", "hf"),
+                    reference=False)
+    assert not report.ok
+    logits_line, tokens_line = report.lines[0], report.lines[1]
+    assert "first over it" not in logits_line, "the logits agree within the tolerance"
+    assert tokens_line.endswith(f"(DIFFERENT from token 1: source {first}, target {second})"), tokens_line

@@ -2,8 +2,10 @@
 
 The models are random OPTs of one small width (layers of ~7 MiB in fp32) with 3 and 24 decoder layers: if
 any reader, writer or the verification held the whole model, the 24-layer run would need ~150 MiB more than
-the 3-layer one (verification streams 27 passes over each side, so more layers cost time, not proof). Each conversion runs in a fresh process (conversion.bench_memory.measure: peak RSS beyond
-the imports, glibc returning freed blocks at once), with verification on, from an opt_ds checkpoint at TP=2.
+the 3-layer one (verification streams 10 passes: 8 over the source, 1 over the target, 1 through
+transformers, so more layers cost time, not proof). Each conversion runs in a fresh process
+(conversion.bench_memory.measure: peak RSS beyond the imports, glibc returning freed blocks at once), with
+verification on, from an opt_ds checkpoint at TP=2.
 """
 from __future__ import annotations
 
