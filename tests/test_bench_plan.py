@@ -120,3 +120,14 @@ def test_memory_model_is_within_10_percent_of_measured_on_cpu(measured, spec):
                  "total": (sum(model.values()), peak["total"])}
         for kind, (estimate, seen) in pairs.items():
             assert estimate == pytest.approx(seen, rel=0.10), (spec, rank["rank"], kind, estimate, seen)
+
+
+def test_the_global_batch_is_the_models_shipped_recipe(capsys):
+    """ds_configs/opt-175b.yaml trains 992 sequences of 2048 and llama-65b's 2048; a shape without a shipped
+    recipe gets 4M tokens; --global-batch wins over both."""
+    for args, sequences in ((["--model", "opt-175b"], 992), (["--model", "llama-65b"], 2048),
+                            (["--model", "opt-175b", "--seq", "1024"], 1984),
+                            (["--shape", "layers=8,hidden=1024,heads=16,ffn=4096,vocab=50272"], 2048),
+                            (["--model", "opt-175b", "--global-batch", "64"], 64)):
+        status, out, _ = _plan(capsys, *args, "--gpus", "64", "--top", "1")
+        assert f"global batch ≈ {sequences} sequences" in out.splitlines()[0], (args, out)

@@ -6,9 +6,21 @@ from pathlib import Path
 import pytest
 
 from opt_ds.config import load_config
+from opt_ds.config.shipped import SHIPPED_CONFIGS, shipped_config
 from opt_ds.models.presets import PRESETS, family_of
 
 CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+M = 2 ** 20
+# The papers' recipes, to check ds_configs/ against (global batch in tokens, peak LR, TP degree): OPT paper
+# table 1 and metaseq's opt_job_constants.py (TP as OPT trained); LLaMA table 2 and Llama 2 table 1 (TP: the
+# shard count Meta released each size in).
+PAPERS = {
+    "opt-125m": (M // 2, 6.0e-4, 2), "opt-350m": (M // 2, 3.0e-4, 2), "opt-1.3b": (M, 2.0e-4, 2),
+    "opt-2.7b": (M, 1.6e-4, 4), "opt-6.7b": (2 * M, 1.2e-4, 2), "opt-13b": (4 * M, 1.0e-4, 2),
+    "opt-30b": (4 * M, 1.0e-4, 2), "opt-66b": (2 * M, 8.0e-5, 8), "opt-175b": (2 * M, 3.0e-5, 8),
+    "llama-7b": (4 * M, 3.0e-4, 1), "llama-13b": (4 * M, 3.0e-4, 2), "llama-33b": (4 * M, 1.5e-4, 4),
+    "llama-65b": (4 * M, 1.5e-4, 8), "llama2-70b": (4 * M, 1.5e-4, 8),
+}
 
 
 def intended_world_size(name):
@@ -16,17 +28,23 @@ def intended_world_size(name):
     return raw.tensor * raw.pipeline * raw.data
 
 
+def test_every_preset_has_its_recipe_shipped():
+    assert SHIPPED_CONFIGS == CONFIGS
+    assert set(PAPERS) == set(PRESETS)
+    assert [name for name in PRESETS if shipped_config(name) is None] == []
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_follows_the_paper(name):
     cfg = load_config(CONFIGS / f"{name}.yaml", world_size=intended_world_size(name))
-    preset = PRESETS[name]
-    assert cfg.shape == preset.shape
-    assert cfg.run.optimizer.lr == pytest.approx(preset.peak_lr)
+    batch_tokens, peak_lr, tensor_parallel = PAPERS[name]
+    assert cfg.shape == PRESETS[name].shape
+    assert cfg.run.optimizer.lr == pytest.approx(peak_lr)
     assert cfg.run.optimizer.betas == [0.9, 0.95] and cfg.run.optimizer.weight_decay == 0.1
-    assert cfg.tensor == preset.tensor_parallel
+    assert cfg.tensor == tensor_parallel
     tokens = cfg.run.batch.global_batch_size * cfg.run.batch.seq_length
-    assert tokens == pytest.approx(preset.global_batch_tokens, rel=0.04)
-    if family_of(preset.shape).name == "opt":
+    assert tokens == pytest.approx(batch_tokens, rel=0.04)
+    if family_of(cfg.shape).name == "opt":
         assert cfg.layout.world_size <= 992
     else:   # LLaMA: cosine to 10 %, 2000 warmup steps, clipping 1.0; LLaMA-65B ran on 2048 A100s
         opt = cfg.run.optimizer

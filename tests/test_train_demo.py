@@ -43,7 +43,7 @@ THIRD_PARTY_WARNING = re.compile(r"Warning: |\[WARNING\]|warnings\.warn\(")
 def clone(tmp_path_factory):
     """A folder laid out like a fresh clone after `make demo` (the demo shortened to DEMO_STEPS steps)."""
     root = tmp_path_factory.mktemp("clone")
-    for name in ("ds_configs", "launchers", "opt_ds", "conversion", "README.md"):
+    for name in ("ds_configs", "launchers", "opt_ds", "conversion", "scripts", "README.md"):
         (root / name).symlink_to(REPO / name)
     with umask(0o022):
         proc = run(["bash", "launchers/demo.sh", f"train.steps={DEMO_STEPS}", "train.eval_interval=8",

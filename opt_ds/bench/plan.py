@@ -22,6 +22,8 @@ from opt_ds.config import ConfigError
 MICRO_BATCHES = (1, 2, 4, 8)
 # Memory a GPU cannot give to tensors: CUDA context, NCCL buffers, allocator fragmentation.
 RESERVED_FRACTION = 0.05
+# The global batch of a model without a shipped recipe (ds_configs/<model>.yaml): 4M tokens, LLaMA's.
+DEFAULT_BATCH_TOKENS = 4 * 2 ** 20
 
 
 @dataclass
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", default="a100-80gb", help=" | ".join(HARDWARE))
     parser.add_argument("--seq", type=int, default=2048, help="sequence length")
     parser.add_argument("--global-batch", type=int,
-                        help="sequences per step (default: the OPT preset's batch, else 4M tokens)")
+                        help="sequences per step (default: the recipe of --model, ds_configs/<model>.yaml, else 4M tokens)")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--dropout", default="on", choices=("on", "off"))
     parser.add_argument("--top", type=int, default=10, help="how many layouts to list")
@@ -101,8 +103,8 @@ def base_inputs(args):
     from opt_ds.bench.hardware import get_hardware
     from opt_ds.bench.project import ProjectionInputs
     from opt_ds.bench.project_cli import resolve_shape
+    from opt_ds.config.shipped import recipe_batch_tokens
     from opt_ds.errors import UserError
-    from opt_ds.models.presets import PRESETS
 
     if args.gpus < 1 or args.seq < 1 or args.top < 1:
         raise ConfigError("--gpus, --seq and --top must be positive")
@@ -111,12 +113,11 @@ def base_inputs(args):
         hardware = get_hardware(args.hardware)
     except UserError as err:
         raise ConfigError(f"--hardware: {err}") from None
+    recipe_tokens = recipe_batch_tokens(args.model) if args.model and args.shape is None else None
     if args.global_batch is not None:
         global_batch = args.global_batch
-    elif args.model in PRESETS and args.shape is None:
-        global_batch = PRESETS[args.model].global_batch_tokens // args.seq
     else:
-        global_batch = 4 * 2 ** 20 // args.seq
+        global_batch = (recipe_tokens or DEFAULT_BATCH_TOKENS) // args.seq
     if global_batch < 1:
         raise ConfigError(f"--global-batch {global_batch}: must be at least 1")
     return ProjectionInputs(shape=shape, model_name=name, seq=args.seq, gpus=args.gpus, global_batch=global_batch,

@@ -8,6 +8,7 @@ message that names the key and the fix, before any process group exists. Every d
     loading.py         YAML + overrides -> RunConfig
     resolve.py         validation -> ResolvedConfig
     deepspeed_json.py  the generated DeepSpeed JSON, and merging a hand-written one
+    shipped.py         the run configs in ds_configs/: each preset's paper recipe
 """
 from opt_ds.config.deepspeed_json import deepspeed_config, merge_deepspeed_json
 from opt_ds.config.loading import apply_overrides, build_dataclass, load_config

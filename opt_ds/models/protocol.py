@@ -14,12 +14,10 @@ DECODER_PARTITION_METHOD = "type:DecoderLayer"
 
 @dataclass(frozen=True)
 class Preset:
-    """A named model size with the hyper-parameters its paper trained it with (batch in tokens)."""
+    """A named model size: its architecture. The recipe its paper trained it with (batch, learning rate,
+    schedule, layout) is its run config, ds_configs/<name>.yaml (opt_ds.config.shipped)."""
     name: str
     shape: Any
-    global_batch_tokens: int
-    peak_lr: float
-    tensor_parallel: int            # the TP degree its run YAML uses
 
 
 class ModelFamily:

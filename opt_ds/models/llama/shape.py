@@ -1,8 +1,7 @@
-"""LLaMA shapes and the papers' training hyper-parameters.
+"""LLaMA shapes: the architecture of each size (the recipe each was trained with: ds_configs/llama*.yaml).
 
 Sources: LLaMA (arXiv 2302.13971) table 2 and Llama 2 (arXiv 2307.09288) table 1: pre-norm RMSNorm,
-SwiGLU MLP, rotary positions, no biases, untied output head; AdamW (0.9, 0.95), cosine to 10 % of the
-peak, 2000 warmup steps, weight decay 0.1, clipping 1.0, 4M-token batches. Batch sizes are in tokens.
+SwiGLU MLP, rotary positions, no biases, untied output head.
 """
 from __future__ import annotations
 
@@ -55,16 +54,13 @@ class LlamaShape:
         return dataclasses.replace(self, **changes)
 
 
-M = 2 ** 20
-
-# tensor_parallel: the model-parallel shard count Meta released each size in (consolidated.NN.pth files).
 PRESETS = {p.name: p for p in [
-    Preset("llama-7b", LlamaShape(32, 4096, 32, 11008), 4 * M, 3.0e-4, 1),
-    Preset("llama-13b", LlamaShape(40, 5120, 40, 13824), 4 * M, 3.0e-4, 2),
-    Preset("llama-33b", LlamaShape(60, 6656, 52, 17920), 4 * M, 1.5e-4, 4),
-    Preset("llama-65b", LlamaShape(80, 8192, 64, 22016), 4 * M, 1.5e-4, 8),
+    Preset("llama-7b", LlamaShape(32, 4096, 32, 11008)),
+    Preset("llama-13b", LlamaShape(40, 5120, 40, 13824)),
+    Preset("llama-33b", LlamaShape(60, 6656, 52, 17920)),
+    Preset("llama-65b", LlamaShape(80, 8192, 64, 22016)),
     Preset("llama2-70b", LlamaShape(80, 8192, 64, 28672, num_kv_heads=8, max_position_embeddings=4096,
-                                    rms_norm_eps=1e-5), 4 * M, 1.5e-4, 8),
+                                    rms_norm_eps=1e-5)),
 ]}
 
 

@@ -1,7 +1,6 @@
-"""OPT shapes and the paper's training hyper-parameters.
+"""OPT shapes: the architecture of each size (the recipe each was trained with: ds_configs/opt-*.yaml).
 
 Source: OPT paper (arXiv 2205.01068) table 1 and metaseq's `opt_job_constants.py`.
-Batch sizes are in tokens, M = 2**20.
 """
 from __future__ import annotations
 
@@ -53,19 +52,16 @@ class OPTShape:
         return dataclasses.replace(self, **changes)
 
 
-M = 2 ** 20
-
 PRESETS = {p.name: p for p in [
-    Preset("opt-125m", OPTShape(12, 768, 12, 3072), M // 2, 6.0e-4, 2),
-    Preset("opt-350m", OPTShape(24, 1024, 16, 4096, word_embed_proj_dim=512, pre_layer_norm=False),
-              M // 2, 3.0e-4, 2),
-    Preset("opt-1.3b", OPTShape(24, 2048, 32, 8192), M, 2.0e-4, 2),
-    Preset("opt-2.7b", OPTShape(32, 2560, 32, 10240), M, 1.6e-4, 4),
-    Preset("opt-6.7b", OPTShape(32, 4096, 32, 16384), 2 * M, 1.2e-4, 2),
-    Preset("opt-13b", OPTShape(40, 5120, 40, 20480), 4 * M, 1.0e-4, 2),
-    Preset("opt-30b", OPTShape(48, 7168, 56, 28672), 4 * M, 1.0e-4, 2),
-    Preset("opt-66b", OPTShape(64, 9216, 72, 36864), 2 * M, 8.0e-5, 8),
-    Preset("opt-175b", OPTShape(96, 12288, 96, 49152), 2 * M, 3.0e-5, 8),
+    Preset("opt-125m", OPTShape(12, 768, 12, 3072)),
+    Preset("opt-350m", OPTShape(24, 1024, 16, 4096, word_embed_proj_dim=512, pre_layer_norm=False)),
+    Preset("opt-1.3b", OPTShape(24, 2048, 32, 8192)),
+    Preset("opt-2.7b", OPTShape(32, 2560, 32, 10240)),
+    Preset("opt-6.7b", OPTShape(32, 4096, 32, 16384)),
+    Preset("opt-13b", OPTShape(40, 5120, 40, 20480)),
+    Preset("opt-30b", OPTShape(48, 7168, 56, 28672)),
+    Preset("opt-66b", OPTShape(64, 9216, 72, 36864)),
+    Preset("opt-175b", OPTShape(96, 12288, 96, 49152)),
 ]}
 
 

@@ -14,10 +14,10 @@
 #
 # for <model> in opt-1.3b and opt-2.7b at seq 2048. Unbind for Q/K/V has no switch (the select version is
 # gone); benchmarks/layer_cpu.py measures it against the previous revision on a CPU.
-#   OPT_DS_GIT_COMMIT=<commit> bash opt_ds/bench/gpu_ab.sh           # output in runs/gpu_ab
+#   OPT_DS_GIT_COMMIT=<commit> bash scripts/gpu_ab.sh           # output in runs/gpu_ab
 # CPU rehearsal with tiny cases: docs/bench.md "On GPUs" (AB_MODELS=tiny AB_SLICE=tiny AB_SLICE_TP2=tiny-tp2 ...)
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODELS="${AB_MODELS:-opt-1.3b opt-2.7b}"
 SLICE="${AB_SLICE:-175b-slice:tp=1,layers=1}"
 SLICE_TP2="${AB_SLICE_TP2:-175b-slice:tp=2,layers=1}"
