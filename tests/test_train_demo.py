@@ -8,10 +8,11 @@ Commands that only read and print (no process group, no worker process, no check
 summary, bench --list / --project*, plan, convert --dry-run, and the GPU cases and layouts refused before any
 work) run in this test's own process: the same argv through the same `python -m opt_ds` entry point
 (opt_ds/__main__.py, run by runpy as the interpreter would), in the same folder with the same environment, so
-each saves an interpreter start (~7 s of CPU importing torch, DeepSpeed and megatron-core). `in_process` leaves
-nothing behind: environment, folder, warning filters and opt_ds.quiet's log filters are restored, and no
-process group may remain. Everything that trains, launches, starts a world or writes a checkpoint runs as a
-subprocess, as written."""
+each saves an interpreter start (3 to 10 s of CPU importing torch, for some also DeepSpeed and megatron-core).
+`in_process` leaves nothing behind: environment, folder, warning filters and opt_ds.quiet's log filters are
+restored, and no process group may remain. Everything that trains, launches, starts a world or writes a
+checkpoint runs as a subprocess, as written; the two benchmark commands that share nothing with the commands
+before them (see ALONGSIDE) start in the background once the demo is ready, and are checked at their turn."""
 import contextlib
 import io
 import logging
@@ -19,6 +20,7 @@ import os
 import re
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
 import warnings
@@ -199,6 +201,46 @@ def adapted(env: dict, words: list):
     return words, env, expected[key] if key else "[opt_ds] end step="
 
 
+# Commands that read nothing an earlier command writes and write only their own folder, which no earlier
+# command touches: the CPU benchmark (runs/bench) and the GPU A/B session's rehearsal (runs/gpu_ab_rehearsal),
+# each a chain of interpreters started one after another, mostly on one core of two. They start as soon as the
+# demo is ready and run beside the others; at a command's turn the test waits for it and checks it as it checks
+# every command, so the commands after it in its document still find what it wrote.
+ALONGSIDE = (["opt-ds", "bench", "tiny", "tiny-pp2"], ["bash", "scripts/gpu_ab.sh"])
+
+
+@pytest.fixture(scope="module")
+def alongside(clone, tmp_path_factory):
+    """{repr((env, words)): (process, log file)} of the ALONGSIDE commands of the docs, started now."""
+    root, _ = clone
+    logs = tmp_path_factory.mktemp("alongside")
+    started = {}
+    for env, words in (c for doc in DOCS for c in doc_commands(doc)):
+        if words in ALONGSIDE and repr((env, words)) not in started:
+            command, env, _ = adapted(env, words)
+            log = logs / f"{len(started)}.log"
+            with open(log, "w") as out:     # a file, not a pipe: nobody reads the output until the end
+                proc = subprocess.Popen([str(c) for c in command], cwd=root, env=child_env(**env), stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            started[repr((env, words))] = (proc, log)
+    yield started
+    for proc, _ in started.values():        # a -k selection that never reached its document
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finished(proc: subprocess.Popen, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """The result of a command started alongside, as `run` would return it (timeout counted from now)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(proc.args)}\n{log.read_text()[-6000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text())
+
+
 # The expected output of the commands that only read and print (the module docstring): run in this process.
 READ_ONLY_OUTPUT = {"validation loss: ", "175b-slice", '"deepspeed"', '"layout": "TP=2 x PP=1 x DP=4"',
                     '"layout": "TP=8 x PP=2', "would write", "Layouts for", "TFLOP/s", "predicted", "it is a GPU case"}
@@ -206,17 +248,19 @@ ran = set()
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_every_command_of_the_docs_runs_as_written(clone, doc):
+def test_every_command_of_the_docs_runs_as_written(clone, alongside, doc):
     root, _ = clone
     commands = doc_commands(doc)
     assert len(commands) >= (20 if doc == "README.md" else 1)
     for env, words in commands:
-        command = adapted(env, words)
-        if command is None or repr((env, words)) in ran:
+        command, key = adapted(env, words), repr((env, words))
+        if command is None or key in ran:
             continue
-        ran.add(repr((env, words)))
+        ran.add(key)
         command, env, expected = command
-        if command[:3] == [sys.executable, "-m", "opt_ds"] and expected in READ_ONLY_OUTPUT \
+        if key in alongside:
+            proc = finished(*alongside[key], timeout=400)
+        elif command[:3] == [sys.executable, "-m", "opt_ds"] and expected in READ_ONLY_OUTPUT \
                 and "--measure-layer" not in command:
             proc = in_process(command[3:], cwd=root, **env)
         else:
