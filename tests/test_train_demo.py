@@ -2,18 +2,38 @@
 trains TP=2 x PP=2 through DeepSpeed's launcher (4 ranks, no third-party warning printed), saves, samples and
 summarises; then every command of the ```bash blocks of README.md and docs/*.md runs as written against it, in
 a folder laid out like a fresh clone after `make demo` (CPU-feasible ones for real, training for 2 steps;
-GPU-sized ones as --print-config or refused up front by the CPU)."""
+GPU-sized ones as --print-config or refused up front by the CPU).
+
+Commands that only read and print (no process group, no worker process, no checkpoint written: --print-config,
+summary, bench --list / --project*, plan, convert --dry-run, and the GPU cases and layouts refused before any
+work) run in this test's own process: the same argv through the same `python -m opt_ds` entry point
+(opt_ds/__main__.py, run by runpy as the interpreter would), in the same folder with the same environment, so
+each saves an interpreter start (3 to 10 s of CPU importing torch, for some also DeepSpeed and megatron-core).
+`in_process` leaves nothing behind: environment, folder, warning filters and opt_ds.quiet's log filters are
+restored, and no process group may remain. Everything that trains, launches, starts a world or writes a
+checkpoint runs as a subprocess, as written; the two benchmark commands that share nothing with the commands
+before them (see ALONGSIDE) start in the background once the demo is ready, and are checked at their turn."""
+import contextlib
+import io
+import logging
+import os
 import re
+import runpy
 import shlex
+import signal
+import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from file_modes import umask, unreadable
-from multiproc import REPO, opt_ds, run
+from multiproc import REPO, child_env, run
+from opt_ds import quiet
 from opt_ds.bench.cases import NAMED_CASES
+from opt_ds.parallel.layout import shutdown_distributed
 from opt_ds.train.metrics import read_metrics
 
 DEMO_STEPS = 16
@@ -51,11 +71,53 @@ def test_demo_script(clone):
     assert unreadable(demo) == [], "under umask 022 the run folder is readable by group and others"
 
 
+@contextlib.contextmanager
+def _restored_process_state():
+    """Put back what a command run in this process may change: environment, folder, warning filters and the
+    log filters opt_ds.quiet installs; and check it left no process group."""
+    env, cwd, argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    loggers = [logging.getLogger(n.logger) for n in quiet.NOISE if n.logger]
+    filters = [list(logger.filters) for logger in loggers]
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv[:] = argv
+        for logger, kept in zip(loggers, filters):
+            logger.filters = kept
+    assert not torch.distributed.is_initialized(), "a command run in this process started a process group"
+
+
+def in_process(args: list, cwd, **env) -> subprocess.CompletedProcess:
+    """`python -m opt_ds ARGS` in this process (see the module docstring): runpy runs opt_ds/__main__.py with
+    sys.argv as the interpreter sets it, in `cwd`, with the environment a subprocess would get; stdout and
+    stderr are captured together, as `run` captures them."""
+    # A one-rank world an earlier test left in this process (conftest ends it at session end) would be ended
+    # by the command's own shutdown at exit: end it first, so that every run starts from the same state.
+    shutdown_distributed(wait=False)
+    output = io.StringIO()
+    with _restored_process_state(), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        os.environ.clear()
+        os.environ.update(child_env(**env))
+        os.chdir(cwd)
+        sys.argv[:] = ["-m", *map(str, args)]
+        try:
+            runpy.run_module("opt_ds", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return subprocess.CompletedProcess(["opt-ds", *args], code, output.getvalue())
+
+
 def test_generate_needs_whole_tensor_parallel_groups(clone):
     """`opt-ds generate` rebuilds the model from the checkpoint's saved config: a TP=2 checkpoint needs a
-    multiple of 2 processes (one clear error otherwise); the README runs it with 2."""
+    multiple of 2 processes (one clear error otherwise, before any process group: run in this process); the
+    README runs it with 2."""
     root, _ = clone
-    proc = opt_ds("generate", root / "runs/demo/checkpoints", "--prompt", "ROMEO. ", check=False, timeout=60)
+    proc = in_process(["generate", root / "runs/demo/checkpoints", "--prompt", "ROMEO. "], cwd=root)
     assert proc.returncode == 2 and "tensor-parallel with TP=2: run a multiple of 2 processes" in proc.stdout
 
 
@@ -139,21 +201,70 @@ def adapted(env: dict, words: list):
     return words, env, expected[key] if key else "[opt_ds] end step="
 
 
+# Commands that read nothing an earlier command writes and write only their own folder, which no earlier
+# command touches: the CPU benchmark (runs/bench) and the GPU A/B session's rehearsal (runs/gpu_ab_rehearsal),
+# each a chain of interpreters started one after another, mostly on one core of two. They start as soon as the
+# demo is ready and run beside the others; at a command's turn the test waits for it and checks it as it checks
+# every command, so the commands after it in its document still find what it wrote.
+ALONGSIDE = (["opt-ds", "bench", "tiny", "tiny-pp2"], ["bash", "scripts/gpu_ab.sh"])
+
+
+@pytest.fixture(scope="module")
+def alongside(clone, tmp_path_factory):
+    """{repr((env, words)): (process, log file)} of the ALONGSIDE commands of the docs, started now."""
+    root, _ = clone
+    logs = tmp_path_factory.mktemp("alongside")
+    started = {}
+    for env, words in (c for doc in DOCS for c in doc_commands(doc)):
+        if words in ALONGSIDE and repr((env, words)) not in started:
+            command, env, _ = adapted(env, words)
+            log = logs / f"{len(started)}.log"
+            with open(log, "w") as out:     # a file, not a pipe: nobody reads the output until the end
+                proc = subprocess.Popen([str(c) for c in command], cwd=root, env=child_env(**env), stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+            started[repr((env, words))] = (proc, log)
+    yield started
+    for proc, _ in started.values():        # a -k selection that never reached its document
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def finished(proc: subprocess.Popen, log: Path, timeout: float) -> subprocess.CompletedProcess:
+    """The result of a command started alongside, as `run` would return it (timeout counted from now)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(proc.args)}\n{log.read_text()[-6000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text())
+
+
+# The expected output of the commands that only read and print (the module docstring): run in this process.
+READ_ONLY_OUTPUT = {"validation loss: ", "175b-slice", '"deepspeed"', '"layout": "TP=2 x PP=1 x DP=4"',
+                    '"layout": "TP=8 x PP=2', "would write", "Layouts for", "TFLOP/s", "predicted", "it is a GPU case"}
 ran = set()
 
 
 @pytest.mark.parametrize("doc", DOCS)
-def test_every_command_of_the_docs_runs_as_written(clone, doc):
+def test_every_command_of_the_docs_runs_as_written(clone, alongside, doc):
     root, _ = clone
     commands = doc_commands(doc)
     assert len(commands) >= (20 if doc == "README.md" else 1)
     for env, words in commands:
-        command = adapted(env, words)
-        if command is None or repr((env, words)) in ran:
+        command, key = adapted(env, words), repr((env, words))
+        if command is None or key in ran:
             continue
-        ran.add(repr((env, words)))
+        ran.add(key)
         command, env, expected = command
-        proc = run(command, cwd=root, timeout=400, check=False, **env)
+        if key in alongside:
+            proc = finished(*alongside[key], timeout=400)
+        elif command[:3] == [sys.executable, "-m", "opt_ds"] and expected in READ_ONLY_OUTPUT \
+                and "--measure-layer" not in command:
+            proc = in_process(command[3:], cwd=root, **env)
+        else:
+            proc = run(command, cwd=root, timeout=400, check=False, **env)
         refused = expected == "it is a GPU case"
         assert proc.returncode == (2 if refused else 0), f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
         assert expected in proc.stdout, f"{doc}: {' '.join(words)}\n{proc.stdout[-4000:]}"
