@@ -26,7 +26,7 @@ demo-llama: setup
 		bash launchers/demo.sh
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=40 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=40 tests
 
 clean:
 	rm -rf $(VENV) runs
